@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Both create the virtualenv on first use. PyTorch is pinned to the CPU build (see pyproject.toml).
+PY ?= python3
+VENV ?= .venv
+DATA ?= ../shared/data/amazon-beauty
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/python -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') or torch.cuda.is_available() else 1)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/dragonrec demo --data $(DATA) --out runs/demo
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+.PHONY: install demo test
