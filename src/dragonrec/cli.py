@@ -48,7 +48,8 @@ def _metrics_table(title: str, report: dict) -> Table:
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Option(help="dataset directory (items.* + interactions.*) or a feedback log")],
-    recommender: Annotated[str, typer.Option(help="popularity, cooccurrence, sasrec, generative, rag, ...")] = "popularity",
+    recommender: Annotated[str | None, typer.Option(help="popularity, cooccurrence, sasrec, generative, rag, ... "
+                                                    "(default: what --model holds, else popularity)")] = None,
     model: Annotated[Path | None, typer.Option(help="load a saved model directory instead of training")] = None,
     split: Annotated[str, typer.Option(help="loo (leave-one-out), time, or cold-item")] = "loo",
     output: Annotated[Path | None, typer.Option(help="write the full report as JSON here")] = None,
@@ -64,6 +65,8 @@ def evaluate(
 
     if split not in SPLITS:
         raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
+    if recommender is None and model is None:
+        recommender = "popularity"
     report = run_evaluation(data, recommender, model_dir=model, split=split, overrides=_parse_overrides(set_),
                             on_error="skip" if skip_bad_rows else "raise", seed=seed, console=console)
     Console(width=160).print(_metrics_table(f"{report['recommender']} on {report['dataset']['name']} ({split})", report))
@@ -71,6 +74,36 @@ def evaluate(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2, default=float))
         console.print(f"wrote {output}")
+
+
+train_app = typer.Typer(help="Train models.", no_args_is_help=True)
+app.add_typer(train_app, name="train", help="Train models. Example: dragonrec train sft --data DIR --out runs/sft")
+
+
+@train_app.command("sft")
+def train_sft(
+    data: Annotated[Path, typer.Option(help="dataset directory")],
+    out: Annotated[Path, typer.Option(help="run directory: model/, checkpoints/, report.json")],
+    recommender: Annotated[str, typer.Option(help="generative (item text) or sasrec (IDs only)")] = "generative",
+    registry: Annotated[Path | None, typer.Option(help="register the trained version here and activate it")] = None,
+    split: Annotated[str, typer.Option(help="loo, time or cold-item")] = "loo",
+    set_: Annotated[list[str], typer.Option("--set", help="override a config field: --set hidden_size=128")] = [],
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Supervised fine-tuning on session narratives: train, early-stop on validation NDCG@10, save, evaluate,
+    and (with --registry) register the version with its metrics and data window and make it active.
+    Interrupted runs resume from out/checkpoints.
+
+    Example: dragonrec train sft --data ../shared/data/amazon-beauty --out runs/sft --registry runs/registry
+    """
+    from dragonrec.train.jobs import run_sft
+
+    if split not in SPLITS:
+        raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
+    report = run_sft(data, out, recommender=recommender, overrides=_parse_overrides(set_), split=split,
+                     registry=registry, seed=seed, console=console)
+    Console(width=160).print(_metrics_table(f"{recommender} on {report['dataset']['name']} ({split})", report))
+    console.print(f"model in {out / 'model'}" + (f"; registered as {report['version']}" if registry else ""))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -26,9 +27,17 @@ def make_split(events, split: str, seed: int = 0):
     raise ValueError(f"unknown split {split!r} (loo, time, cold-item)")
 
 
-def run_evaluation(data: Path | str, recommender: str, *, model_dir: Path | None = None, split: str = "loo",
+def saved_recommender_name(model_dir: Path) -> str:
+    """The recommender a saved model directory holds (from its recommender.json)."""
+    meta = Path(model_dir) / "recommender.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta} not found: {model_dir} is not a saved dragonrec model")
+    return json.loads(meta.read_text())["name"]
+
+
+def run_evaluation(data: Path | str, recommender: str | None, *, model_dir: Path | None = None, split: str = "loo",
                    overrides: dict | None = None, on_error: str = "raise", seed: int = 0,
-                   console: Console | None = None) -> dict:
+                   save_to: Path | None = None, console: Console | None = None) -> dict:
     """Evaluate one recommender on one dataset; returns the JSON-ready report.
 
     `report["test"]` holds the headline metrics (history items excluded from the ranking);
@@ -36,6 +45,10 @@ def run_evaluation(data: Path | str, recommender: str, *, model_dir: Path | None
     diversity and novelty of the top-10 lists.
     """
     console = console or Console(stderr=True)
+    if recommender is None:
+        if model_dir is None:
+            raise ValueError("name a recommender or a saved model directory")
+        recommender = saved_recommender_name(model_dir)
     t0 = time.perf_counter()
     dataset = load_dataset(data, on_error=on_error)
     sp = make_split(dataset.events, split, seed=seed)
@@ -51,6 +64,8 @@ def run_evaluation(data: Path | str, recommender: str, *, model_dir: Path | None
         with console.status(f"fitting {recommender}"):
             model.fit(sp.train, dataset.catalog, valid=sp.valid)
     fit_seconds = time.perf_counter() - t_fit
+    if save_to is not None:
+        model.save(Path(save_to))
     results = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
@@ -64,7 +79,7 @@ def run_evaluation(data: Path | str, recommender: str, *, model_dir: Path | None
                   "test_cases": len(sp.test), **sp.info},
         "recommender": recommender,
         "config": model.config(),
-        "model_dir": str(model_dir) if model_dir else None,
+        "model_dir": str(model_dir or save_to) if (model_dir or save_to) else None,
         "fit_seconds": fit_seconds,
         "total_seconds": time.perf_counter() - t0,
     }

@@ -7,6 +7,7 @@ imported only when asked for.
 from __future__ import annotations
 
 import importlib
+import typing
 
 from dragonrec.recommenders.base import Recommender, top_n
 
@@ -14,6 +15,10 @@ from dragonrec.recommenders.base import Recommender, top_n
 RECOMMENDERS: dict[str, str] = {
     "popularity": "dragonrec.recommenders.popularity:PopularityRecommender",
     "cooccurrence": "dragonrec.recommenders.cooccurrence:CooccurrenceRecommender",
+    "sasrec": "dragonrec.recommenders.sequential:SequentialRecommender",
+    "generative": "dragonrec.recommenders.sequential:GenerativeRecommender",
+    "rag": "dragonrec.recommenders.rag:RAGRecommender",
+    "pretrained-lm": "dragonrec.model.pretrained:PretrainedLMRecommender",
 }
 
 
@@ -25,20 +30,29 @@ def recommender_class(name: str) -> type[Recommender]:
     return getattr(importlib.import_module(module), cls)
 
 
+def config_class(cls: type[Recommender]):
+    """The pydantic config type a recommender's constructor takes as `cfg` (None if it takes none)."""
+    hint = typing.get_type_hints(cls.__init__).get("cfg")
+    for t in (*typing.get_args(hint), hint):
+        if isinstance(t, type) and hasattr(t, "model_fields"):
+            return t
+    return None
+
+
 def build(name: str, overrides: dict | None = None) -> Recommender:
     """A new recommender by name, its config fields overridden by `overrides` (validated by its config)."""
     cls = recommender_class(name)
-    model = cls()
-    if overrides:
-        cfg = getattr(model, "cfg", None)
-        if cfg is None:
-            raise ValueError(f"{name} has no config to override")
-        unknown = set(overrides) - set(type(cfg).model_fields)
-        if unknown:
-            raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))} "
-                             f"(settings: {', '.join(type(cfg).model_fields)})")
-        model.cfg = type(cfg).model_validate({**cfg.model_dump(), **overrides})
-    return model
+    if not overrides:
+        return cls()
+    cfg_type = config_class(cls)
+    if cfg_type is None:
+        raise ValueError(f"{name} has no config to override")
+    unknown = set(overrides) - set(cfg_type.model_fields)
+    if unknown:
+        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))} "
+                         f"(settings: {', '.join(cfg_type.model_fields)})")
+    base = getattr(cls, "default_config", None) or {}
+    return cls(cfg_type.model_validate({**base, **overrides}))
 
 
 __all__ = ["RECOMMENDERS", "Recommender", "build", "recommender_class", "top_n"]

@@ -1,0 +1,340 @@
+"""The token layout over products and actions, and the causal LM that predicts the next product token.
+
+Token layout (one vocabulary, fixed; `ItemTokenizer` owns it):
+
+    id 0..3     [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3                 (SPECIAL_TOKENS)
+    id 4..5     [USER]=4 [RECOMMEND]=5                          (MARKER_TOKENS, for narrative prompts)
+    id 6..14    <view> <hover> <click> <scroll_past> <add_to_cart> <remove_from_cart> <purchase> <review>
+                <favorite>                                      (ACTION_TOKENS, in `dragonrec.schema.ACTIONS` order)
+    id 15+k     <item_k>, k = model id of `ItemVocab`            (ITEM_OFFSET = 15)
+
+Model ids k < `n_trained` are items seen in training, numbered in a seeded random order (never sequence or
+ASIN order). With item text (`with_all_items=True`) the remaining catalog items follow as k >= n_trained:
+they have a token, no learned vector of their own (it stays zero) and a score from their text alone.
+
+Sequences (`ItemTokenizer.encode`), right-padded with [PAD] in batches:
+    SASRec mode     [BOS] <item_a> <item_b> ... <item_n>
+    narrative mode  [BOS] <view> <item_a> <purchase> <item_b> ... <review> <item_n>
+The hidden state at an item token (and at [BOS] in SASRec mode) predicts the NEXT product: training targets
+sit on those positions and the next-item scores of a history are read at its last token. [RECOMMEND] and
+[USER] are reserved for text prompts built on top (they carry no trained meaning in `SeqRecLM`).
+
+`SeqRecLM` wraps a `transformers` `LlamaForCausalLM` (or `Qwen2ForCausalLM`) with tied input/output
+embeddings; `merged_causal_lm()` returns a plain HF model whose logits over item tokens equal `score_items`,
+for `generate(prefix_allowed_tokens_fn=...)`; `save_pretrained(dir)` writes that HF model (config.json +
+model.safetensors) and the tokenizer (tokenizer.json, item_tokens.json) so `AutoModelForCausalLM` and
+`PreTrainedTokenizerFast` load it, plus `seqrec.json` / `seqrec.safetensors` to restore this wrapper exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dragonrec.data.vocab import ItemVocab
+from dragonrec.model.config import SeqRecConfig
+from dragonrec.schema import ACTIONS, parse_action
+
+SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MARKER_TOKENS = ("[USER]", "[RECOMMEND]")
+USER_ID, RECOMMEND_ID = 4, 5
+ACTION_OFFSET = len(SPECIAL_TOKENS) + len(MARKER_TOKENS)
+ACTION_TOKENS = tuple(f"<{a.value}>" for a in ACTIONS)
+ITEM_OFFSET = ACTION_OFFSET + len(ACTION_TOKENS)
+IGNORE = -100  # label of positions without a next-item target
+
+
+class ItemTokenizer:
+    """Encodes histories (catalog indices + action names) into token ids of the layout above, and back."""
+
+    def __init__(self, vocab: ItemVocab, n_trained: int | None = None):
+        self.vocab = vocab
+        self.n_trained = len(vocab) if n_trained is None else int(n_trained)
+        if not 0 < self.n_trained <= len(vocab):
+            raise ValueError(f"n_trained={self.n_trained} must be in 1..{len(vocab)}")
+
+    @classmethod
+    def from_train(cls, train_item_idx: np.ndarray, n_catalog: int, seed: int = 0,
+                   with_all_items: bool = False) -> ItemTokenizer:
+        """Tokens for training items (random order); `with_all_items` appends every other catalog item."""
+        base = ItemVocab.from_train(train_item_idx, n_catalog, seed)
+        if not with_all_items:
+            return cls(base)
+        rest = np.flatnonzero(base.model_id < 0)
+        rest = rest[np.random.default_rng(seed + 1).permutation(len(rest))]
+        return cls(ItemVocab(np.concatenate([base.catalog_index, rest]), n_catalog), n_trained=len(base))
+
+    @property
+    def n_items(self) -> int:
+        """Product tokens (trained and text-only)."""
+        return len(self.vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return ITEM_OFFSET + self.n_items
+
+    def tokens(self) -> list[str]:
+        """Every token string, position = token id."""
+        return [*SPECIAL_TOKENS, *MARKER_TOKENS, *ACTION_TOKENS, *(f"<item_{k}>" for k in range(self.n_items))]
+
+    def item_ids(self, catalog_idx: np.ndarray) -> np.ndarray:
+        """Model ids of catalog items (-1 where the model has no token)."""
+        catalog_idx = np.asarray(catalog_idx, dtype=np.int64)
+        if len(catalog_idx) and (catalog_idx.min() < 0 or catalog_idx.max() >= self.vocab.n_catalog):
+            raise ValueError(f"catalog index out of range 0..{self.vocab.n_catalog - 1}")
+        return self.vocab.encode(catalog_idx)
+
+    @staticmethod
+    def action_token(action) -> int:
+        return ACTION_OFFSET + parse_action(str(action)).code
+
+    def encode(self, history: np.ndarray, actions: Sequence | None = None, narrative: bool = False,
+               max_len: int | None = None) -> list[int]:
+        """Token ids of one history, [BOS] first; items without a token are dropped; the oldest events are
+        cut so that at most `max_len` tokens remain."""
+        ids = self.item_ids(history)
+        keep = ids >= 0
+        items = ids[keep] + ITEM_OFFSET
+        if not narrative:
+            if max_len is not None:
+                items = items[len(items) - min(len(items), max_len - 1):]
+            return [BOS_ID, *items.tolist()]
+        if actions is None:
+            raise ValueError("narrative mode needs the actions aligned with the history")
+        acts = np.asarray(actions, dtype=object)
+        if len(acts) != len(ids):
+            raise ValueError(f"{len(acts)} actions for {len(ids)} history items")
+        acts = [self.action_token(a) for a in acts[keep]]
+        if max_len is not None:
+            n = min(len(items), (max_len - 1) // 2)
+            items, acts = items[len(items) - n:], acts[len(acts) - n:]
+        out = [BOS_ID]
+        for a, i in zip(acts, items.tolist()):
+            out += [a, i]
+        return out
+
+    def decode(self, token_ids: Sequence[int]) -> tuple[np.ndarray, list[str | None]]:
+        """Catalog indices of the item tokens in order, and the action each one follows (None if none)."""
+        items, acts, last_action = [], [], None
+        for t in token_ids:
+            t = int(t)
+            if t >= ITEM_OFFSET:
+                if t - ITEM_OFFSET >= self.n_items:
+                    raise ValueError(f"token id {t} is past the vocabulary ({self.vocab_size})")
+                items.append(int(self.vocab.catalog_index[t - ITEM_OFFSET]))
+                acts.append(last_action)
+                last_action = None
+            elif t >= ACTION_OFFSET:
+                last_action = ACTIONS[t - ACTION_OFFSET].value
+        return np.asarray(items, dtype=np.int64), acts
+
+    def target_labels(self, token_ids: Sequence[int], narrative: bool = False) -> list[int]:
+        """Per position, the model id of the next product (IGNORE where none): position of [BOS] (SASRec
+        mode) or of an item token predicts the following item token."""
+        ids = list(token_ids)
+        item_pos = [p for p, t in enumerate(ids) if t >= ITEM_OFFSET]
+        labels = [IGNORE] * len(ids)
+        sources = item_pos[:-1] if narrative else [0, *item_pos[:-1]]
+        for src, dst in zip(sources, item_pos if not narrative else item_pos[1:]):
+            labels[src] = ids[dst] - ITEM_OFFSET
+        return labels
+
+    def to_hf(self):
+        """A `transformers.PreTrainedTokenizerFast` over the same ids (WordLevel, whitespace-split)."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(self.tokens())}, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]",
+                                       eos_token="[EOS]", unk_token="[UNK]",
+                                       additional_special_tokens=list(MARKER_TOKENS))
+
+    def save(self, path: Path | str) -> None:
+        """item_tokens.json (the id mapping) and the HF tokenizer files."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "item_tokens.json").write_text(json.dumps({**self.vocab.to_dict(), "n_trained": self.n_trained}))
+        self.to_hf().save_pretrained(str(path))
+
+    @classmethod
+    def load(cls, path: Path | str) -> ItemTokenizer:
+        f = Path(path) / "item_tokens.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: not a saved ItemTokenizer")
+        d = json.loads(f.read_text())
+        return cls(ItemVocab.from_dict(d), n_trained=d["n_trained"])
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], value: int = PAD_ID) -> torch.Tensor:
+    """Right-pad token (or label) lists into one LongTensor [B, L]."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        out[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def _backbone_config(cfg: SeqRecConfig, vocab_size: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = {"vocab_size": vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_heads,
+          "intermediate_size": cfg.intermediate_size or cfg.hidden_size,
+          "max_position_embeddings": cfg.max_len + 8, "attention_dropout": cfg.attention_dropout,
+          "initializer_range": cfg.init_std, "tie_word_embeddings": True, "pad_token_id": PAD_ID,
+          "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "use_cache": False,
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+    return LlamaConfig(**kw) if cfg.arch == "llama" else Qwen2Config(**kw)
+
+
+class SeqRecLM(nn.Module):
+    """A small HF causal LM over the token layout, scored over product tokens only.
+
+    item vector(k) = own row k of the tied embedding (+ text_proj(text_emb[k]) when cfg.use_text);
+    score(history, k) = <final hidden state at the history's last token, item vector(k)>.
+    """
+
+    def __init__(self, cfg: SeqRecConfig, n_items: int, n_trained: int | None = None,
+                 text_emb: np.ndarray | torch.Tensor | None = None):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.n_items = cfg, int(n_items)
+        self.n_trained = self.n_items if n_trained is None else int(n_trained)
+        self.lm = AutoModelForCausalLM.from_config(_backbone_config(cfg, ITEM_OFFSET + self.n_items),
+                                                   attn_implementation="sdpa")
+        self.emb_drop = nn.Dropout(cfg.emb_dropout)
+        self._hooks = [m.register_forward_hook(self._dropout_hook) for layer in self.lm.model.layers
+                       for m in (layer.self_attn, layer.mlp)] if cfg.hidden_dropout > 0 else []
+        self.text_proj: nn.Linear | None = None
+        if cfg.use_text:
+            if text_emb is None:
+                raise ValueError("use_text=True needs text_emb [n_items, text_dim]")
+            text_emb = torch.as_tensor(np.asarray(text_emb, dtype=np.float32))
+            if tuple(text_emb.shape) != (self.n_items, cfg.text_dim):
+                raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}, expected {(self.n_items, cfg.text_dim)}")
+            self.register_buffer("text_emb", text_emb)
+            self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden_size, bias=False)
+            nn.init.normal_(self.text_proj.weight, std=cfg.init_std)
+            with torch.no_grad():  # text-only items never train a vector of their own: start (and stay) at zero
+                self.embeddings.weight[ITEM_OFFSET + self.n_trained:] = 0.0
+
+    def _dropout_hook(self, module, args, output):
+        if isinstance(output, tuple):
+            return (F.dropout(output[0], self.cfg.hidden_dropout, self.training), *output[1:])
+        return F.dropout(output, self.cfg.hidden_dropout, self.training)
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.lm.get_input_embeddings()
+
+    def item_vectors(self, trained_only: bool = False, own_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_items (or n_trained), H] output vectors of the product tokens, model-id order.
+
+        own_mask: [n_items] 0/1, which items keep their own vector (ID dropout in training; None = all).
+        """
+        n = self.n_trained if trained_only else self.n_items
+        w = self.embeddings.weight[ITEM_OFFSET:ITEM_OFFSET + n]
+        if self.text_proj is None:
+            return w
+        if own_mask is not None:
+            w = w * own_mask[:n, None]
+        if torch.is_grad_enabled() or own_mask is not None:
+            return w + self.text_proj(self.text_emb[:n])
+        # inference: the projection of every item's text is the costly part of a single request; reuse it
+        # until a weight changes (in-place updates and load_state_dict bump the tensors' versions)
+        key = (n, self.embeddings.weight._version, self.text_proj.weight._version, self.embeddings.weight.data_ptr())
+        if getattr(self, "_item_cache", (None,))[0] != key:
+            self._item_cache = (key, w + self.text_proj(self.text_emb[:n]))
+        return self._item_cache[1]
+
+    def hidden_states(self, input_ids: torch.Tensor, own_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, H] final (normed) hidden states of right-padded token ids [B, L].
+
+        No attention mask is needed: with right padding and causal attention no real token sees a pad.
+        """
+        emb = self.embeddings(input_ids)
+        if self.text_proj is not None:
+            k = input_ids - ITEM_OFFSET
+            is_item = (k >= 0).unsqueeze(-1)
+            if own_mask is not None:  # dropped items enter by their text alone
+                emb = emb * torch.where(is_item, own_mask[k.clamp(min=0)].unsqueeze(-1), 1.0)
+            emb = emb + self.text_proj(self.text_emb[k.clamp(min=0)]) * is_item
+        return self.lm.model(inputs_embeds=self.emb_drop(emb)).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean full-softmax cross-entropy over trained product tokens, only at positions with a target.
+
+        input_ids, labels: [B, L]; labels hold the next item's model id or IGNORE (pads, last tokens).
+        Items without a trained vector (model id >= n_trained) are skipped as targets.
+        """
+        mask = (labels >= 0) & (labels < self.n_trained)  # text-only items are never training targets
+        own = None
+        if self.training and self.text_proj is not None and self.cfg.id_dropout > 0:
+            own = (torch.rand(self.n_items, device=input_ids.device) >= self.cfg.id_dropout).float()
+        h = self.hidden_states(input_ids, own)[mask]  # [N, H]: gather first, so pads cost no logits
+        logits = h @ self.item_vectors(trained_only=True, own_mask=own).T  # [N, n_trained]
+        return F.cross_entropy(logits, labels[mask], label_smoothing=label_smoothing)
+
+    def score_items(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, n_items] next-item scores read at each sequence's last real token."""
+        if lengths is None:
+            lengths = (input_ids != PAD_ID).sum(dim=1)
+        h = self.hidden_states(input_ids)
+        last = h[torch.arange(len(h), device=h.device), lengths.to(h.device) - 1]
+        return last @ self.item_vectors().T
+
+    def merged_causal_lm(self):
+        """A copy of the HF model whose embedding rows already include the text projection (for generate)."""
+        lm = copy.deepcopy(self.lm)
+        if self.text_proj is not None:
+            with torch.no_grad():
+                lm.get_input_embeddings().weight[ITEM_OFFSET:] = self.item_vectors()
+        lm.tie_weights()
+        return lm
+
+    def save_pretrained(self, path: Path | str, tokenizer: ItemTokenizer | None = None) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.merged_causal_lm().save_pretrained(str(path))
+        meta = {"config": self.cfg.model_dump(), "n_items": self.n_items, "n_trained": self.n_trained}
+        (path / "seqrec.json").write_text(json.dumps(meta, indent=2))
+        if self.text_proj is not None:  # the merged HF weights hide the own/text split: keep it
+            save_file({"own_embeddings": self.embeddings.weight.detach().contiguous(),
+                       "text_proj": self.text_proj.weight.detach().contiguous(),
+                       "text_emb": self.text_emb.contiguous()}, str(path / "seqrec.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save(path)
+
+    @classmethod
+    def from_pretrained(cls, path: Path | str) -> SeqRecLM:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        if not (path / "seqrec.json").exists():
+            raise FileNotFoundError(f"{path / 'seqrec.json'} not found: not a saved SeqRecLM")
+        meta = json.loads((path / "seqrec.json").read_text())
+        cfg = SeqRecConfig(**meta["config"])
+        extra = load_file(str(path / "seqrec.safetensors")) if cfg.use_text else {}
+        model = cls(cfg, meta["n_items"], meta["n_trained"], text_emb=extra.get("text_emb"))
+        lm = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa")
+        model.lm.load_state_dict(lm.state_dict())
+        if cfg.use_text:
+            with torch.no_grad():
+                model.embeddings.weight.copy_(extra["own_embeddings"])
+                model.text_proj.weight.copy_(extra["text_proj"])
+        return model

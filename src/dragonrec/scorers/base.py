@@ -1,0 +1,93 @@
+"""The scorer interface: given a user's history and K retrieved candidates, score each candidate's relevance.
+
+Backends: an OpenAI-compatible chat endpoint (`openai_compat`), a local Hugging Face causal LM (`hf_local`)
+and any fitted dragonrec Recommender (`model`). A scorer never raises for a model failure: it answers
+`degraded=True` with the reason, and the pipeline falls back to the retrieval order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Self
+
+import numpy as np
+
+from dragonrec.candidates.query import Preferences
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """An item as a scorer sees it: its catalog index (for model scorers) and its text (for language models)."""
+
+    idx: int
+    text: str
+    action: str | None = None  # for history entries: what the user did
+
+
+@dataclass
+class ScoreRequest:
+    """One user's scoring job: history oldest first, candidates in retrieval order."""
+
+    history: list[ItemView]
+    candidates: list[ItemView]
+    preferences: Preferences | None = None
+    retrieval_scores: np.ndarray | None = None  # [K] similarities, aligned with candidates
+
+
+@dataclass
+class Usage:
+    """Accounting of one scoring call (or a sum of many)."""
+
+    requests: int = 0  # HTTP requests / model calls made (retries included)
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_s: float = 0.0  # wall time spent in the backend
+
+    def __iadd__(self, other: Usage) -> Self:
+        for f in ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        return self
+
+
+@dataclass
+class ScoreResult:
+    """Scores aligned with the request's candidates (NaN = not scored), a one-line reason per candidate."""
+
+    scores: np.ndarray
+    reasons: list[str | None]
+    degraded: bool = False
+    degraded_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    @classmethod
+    def fallback(cls, n: int, reason: str, usage: Usage | None = None) -> ScoreResult:
+        """No scores at all: the caller keeps the retrieval order."""
+        return cls(np.full(n, np.nan, dtype=np.float32), [None] * n, True, reason, usage or Usage())
+
+    def order(self, retrieval_scores: np.ndarray | None = None) -> np.ndarray:
+        """Candidate positions best first: by score, unscored after scored, ties by retrieval order."""
+        n = len(self.scores)
+        s = np.where(np.isnan(self.scores), -np.inf, self.scores)
+        r = np.zeros(n) if retrieval_scores is None else -np.asarray(retrieval_scores, dtype=np.float64)
+        # lexsort: last key is primary; then retrieval similarity, then original position
+        return np.lexsort((np.arange(n), r, -s))
+
+
+class Scorer(ABC):
+    """Scores candidates for users. Subclasses implement `score`; `score_batch` may run requests concurrently."""
+
+    name: str = "scorer"
+
+    @abstractmethod
+    def score(self, request: ScoreRequest) -> ScoreResult:
+        """Scores for request.candidates (same order)."""
+
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        return [self.score(r) for r in requests]
+
+    def close(self) -> None:
+        """Release connections or models."""

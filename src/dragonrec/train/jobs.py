@@ -1,0 +1,39 @@
+"""Training jobs as the command line runs them: train, save, evaluate, register."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from dragonrec.data import load_dataset
+from dragonrec.evaluate.experiment import make_split, run_evaluation
+from dragonrec.recommenders import build
+
+
+def run_sft(data: Path | str, out: Path | str, *, recommender: str = "generative", overrides: dict | None = None,
+            split: str = "loo", registry: Path | str | None = None, seed: int = 0,
+            console: Console | None = None) -> dict:
+    """Fit a sequence recommender with checkpoints in out/checkpoints (resumed when present), save it to
+    out/model, evaluate it, write out/report.json and, with a registry, register and activate the version."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = dict(overrides or {})
+    cfg_fields = type(build(recommender).cfg).model_fields
+    if "checkpoint_dir" in cfg_fields:
+        overrides.setdefault("checkpoint_dir", str(out / "checkpoints"))
+    report = run_evaluation(data, recommender, split=split, overrides=overrides, seed=seed, save_to=out / "model",
+                            console=console)
+    if registry is not None:
+        from dragonrec.registry import DataWindow, Registry
+
+        dataset = load_dataset(data)
+        train = make_split(dataset.events, split, seed=seed).train
+        metrics = {f"valid_{k}": v for k, v in report["valid"].items()}
+        metrics.update({f"test_{k}": v for k, v in report["test"].items()})
+        version = Registry(registry).register(out / "model", method="sft", metrics=metrics, config=report["config"],
+                                              data_window=DataWindow.from_events(dataset.name, train), activate=True)
+        report["version"] = version.version
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    return report

@@ -1,0 +1,209 @@
+"""Training the sequence model: it learns a memorisable set, early-stops, resumes; the Recommender contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dragonrec.data import leave_one_out
+from dragonrec.data.splits import EvalCases
+from dragonrec.model import ItemTokenizer, SeqRecConfig, SeqRecLM
+from dragonrec.model.lm import pad_batch
+from dragonrec.recommenders.sequential import GenerativeRecommender, SequentialConfig, SequentialRecommender
+from dragonrec.train import SFTConfig, encode_sequences, train_sft
+
+N_ITEMS = 15
+
+
+def chain_sequences(n_users: int = 60, length: int = 6, seed: int = 0):
+    """Each user walks item k -> k+1 (mod N_ITEMS) from a random start: the next item is always obvious."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(n_users):
+        start = int(rng.integers(N_ITEMS))
+        seqs.append((np.array([(start + t) % N_ITEMS for t in range(length)]), np.array(["purchase"] * length)))
+    return seqs
+
+
+def tiny(**kw) -> SeqRecConfig:
+    return SeqRecConfig(**{"hidden_size": 32, "num_layers": 1, "max_len": 10, "emb_dropout": 0.0,
+                           "hidden_dropout": 0.0, **kw})
+
+
+def fast(**kw) -> SFTConfig:
+    return SFTConfig(**{"lr": 1e-2, "batch_size": 16, "max_epochs": 15, "eval_every": 1, "patience": 30,
+                        "warmup_steps": 5, "progress": False, "max_minutes": None, **kw})
+
+
+def chain_valid(n: int = 20, seed: int = 1) -> EvalCases:
+    seqs = chain_sequences(n, 5, seed)
+    return EvalCases(np.array([f"v{i}" for i in range(n)], dtype=object), [s[:-1] for s, _ in seqs],
+                     [a[:-1] for _, a in seqs], np.array([s[-1] for s, _ in seqs]))
+
+
+def test_windows_cover_long_sequences_without_padding_targets():
+    tok = ItemTokenizer.from_train(np.arange(N_ITEMS), N_ITEMS)
+    data = encode_sequences(tok, [(np.arange(N_ITEMS), None)], max_len=6)
+    assert all(len(t) <= 6 for t, _ in data)
+    targets = sorted(int(tok.vocab.catalog_index[lab]) for _, labels in data for lab in labels if lab >= 0)
+    assert targets == list(range(N_ITEMS))  # every item is a target exactly once ([BOS] predicts the first)
+
+
+@pytest.mark.parametrize("narrative", [False, True])
+def test_tiny_model_learns_a_memorisable_sequence_set(narrative):
+    torch.manual_seed(0)
+    seqs = chain_sequences()
+    tok = ItemTokenizer.from_train(np.arange(N_ITEMS), N_ITEMS)
+    model = SeqRecLM(tiny(narrative=narrative), tok.n_items)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = train_sft(model, tok, seqs, valid=chain_valid(), cfg=fast())
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert res.best_ndcg > 0.9
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("embed_tokens" in k for k in changed) and any("layers.0" in k for k in changed)
+    # the next item of an unseen walk is ranked first among items not in the history
+    hist = np.array([3, 4, 5, 6])
+    scores = model.score_items(pad_batch([tok.encode(hist, ["purchase"] * 4, narrative=narrative)]))[0]
+    scores[tok.item_ids(hist)] = -torch.inf
+    best = int(scores.argmax())
+    assert tok.vocab.catalog_index[best] == 7
+
+
+def test_early_stopping_keeps_the_best_weights_and_checkpoints_resume(tmp_path):
+    torch.manual_seed(0)
+    seqs = chain_sequences()
+    tok = ItemTokenizer.from_train(np.arange(N_ITEMS), N_ITEMS)
+    model = SeqRecLM(tiny(), tok.n_items)
+    res = train_sft(model, tok, seqs, valid=chain_valid(), cfg=fast(max_epochs=3, checkpoint_dir=str(tmp_path)))
+    assert res.epochs == 3 and len(res.history) == 3
+    assert (tmp_path / "best" / "model.safetensors").exists() and (tmp_path / "last" / "trainer.json").exists()
+    best = SeqRecLM.from_pretrained(tmp_path / "best").eval()
+    ids = pad_batch([tok.encode(np.array([1, 2]))])
+    torch.testing.assert_close(best.score_items(ids), model.eval().score_items(ids))  # ends on the best weights
+    # resume: a new run with more epochs continues after epoch 3 instead of starting over
+    model2 = SeqRecLM(tiny(), tok.n_items)
+    res2 = train_sft(model2, tok, seqs, valid=chain_valid(), cfg=fast(max_epochs=5, checkpoint_dir=str(tmp_path)))
+    assert [h["epoch"] for h in res2.history] == [1, 2, 3, 4, 5]
+    assert res2.best_ndcg >= res.best_ndcg
+
+
+def test_training_without_targets_is_an_error():
+    tok = ItemTokenizer.from_train(np.arange(3), 5)
+    with pytest.raises(ValueError, match="no training sequence"):
+        train_sft(SeqRecLM(tiny(), tok.n_items), tok, [(np.array([4]), None)], cfg=fast())
+
+
+@pytest.fixture(scope="module")
+def chain_split():
+    import tempfile
+    from pathlib import Path
+
+    from conftest import chain_events, chain_items
+
+    from dragonrec.data import load_dataset
+
+    d = Path(tempfile.mkdtemp())
+    chain_items().to_parquet(d / "items.parquet")
+    chain_events(n_users=80).to_parquet(d / "interactions.parquet")
+    ds = load_dataset(d)
+    return ds, leave_one_out(ds.events)
+
+
+def rec_cfg(**kw) -> SequentialConfig:
+    return SequentialConfig(**{**tiny().model_dump(), **fast(max_epochs=40).model_dump(), "text_cache_dir": None,
+                               **kw})
+
+
+def test_recommender_fits_scores_and_round_trips(chain_split, tmp_path):
+    from dragonrec.evaluate import evaluate_cases
+
+    ds, split = chain_split
+    model = SequentialRecommender(rec_cfg()).fit(split.train, ds.catalog, valid=split.valid)
+    scores = model.score(split.test.histories[:5], split.test.actions[:5])
+    assert scores.shape == (5, len(ds.catalog)) and scores.dtype == np.float32
+    res = evaluate_cases(model, split.test, train=split.train)
+    assert res["metrics"]["hr@5"] >= 0.9
+    model.save(tmp_path)
+    back = SequentialRecommender.load(tmp_path, ds.catalog)
+    np.testing.assert_array_equal(back.score(split.test.histories[:5]), scores)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SequentialRecommender().score([np.array([1])])
+
+
+def test_id_only_model_gives_minus_inf_to_items_it_never_saw(chain_split):
+    ds, split = chain_split
+    train = split.train[split.train["item_idx"] != 3]
+    model = SequentialRecommender(rec_cfg(max_epochs=2)).fit(train, ds.catalog)
+    scores = model.score([np.array([1, 2])])
+    assert scores[0, 3] == -np.inf and np.isfinite(np.delete(scores[0], 3)).all()
+
+
+def test_generative_recommends_an_item_never_seen_in_training(chain_split, monkeypatch):
+    """Item 3 is held out of training; its text vector equals item 9's, which follows 8 in every walk.
+    The text projection learned on item 9 carries over, so after [.., 8] item 3 ranks near the top."""
+    import dragonrec.recommenders.sequential as seq
+
+    ds, split = chain_split
+    text = np.eye(len(ds.catalog), 384, dtype=np.float32)
+    text[3] = text[9]
+    monkeypatch.setattr(seq, "item_text_embeddings", lambda catalog, cache_dir=None: text)
+    train = split.train[split.train["item_idx"] != 3]
+    model = GenerativeRecommender(rec_cfg(use_text=True)).fit(train, ds.catalog)
+    assert model.tokenizer.n_trained == len(ds.catalog) - 1
+    scores = model.score([np.array([6, 7, 8])])[0]
+    assert np.isfinite(scores).all()
+    assert 3 in model.recommend(np.array([6, 7, 8]), n=2)
+    assert scores[3] > np.median(scores)
+
+
+def test_several_action_types_switch_on_narrative_mode(chain_split):
+    ds, split = chain_split
+    train = split.train.copy()
+    train.loc[train.index % 3 == 0, "action"] = "view"
+    model = SequentialRecommender(rec_cfg(max_epochs=2)).fit(train, ds.catalog)
+    assert model.cfg.narrative and model.model.cfg.narrative
+    assert model.score(split.test.histories[:2], split.test.actions[:2]).shape == (2, len(ds.catalog))
+    assert model.score(split.test.histories[:2]).shape == (2, len(ds.catalog))  # actions unknown: still scores
+
+
+DDP_SCRIPT = '''
+import sys, json, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from test_sft import N_ITEMS, chain_sequences, chain_valid, fast, tiny
+from dragonrec.model import ItemTokenizer, SeqRecLM
+from dragonrec.train import train_sft
+from accelerate import PartialState
+torch.manual_seed(0)
+tok = ItemTokenizer.from_train(np.arange(N_ITEMS), N_ITEMS)
+model = SeqRecLM(tiny(), tok.n_items)
+res = train_sft(model, tok, chain_sequences(), valid=chain_valid(), cfg=fast(max_epochs=8, cpu=True))
+state = PartialState()
+if state.is_main_process:
+    json.dump({{"processes": state.num_processes, "ndcg": res.best_ndcg}}, open({out!r}, "w"))
+'''
+
+
+def test_runs_under_accelerate_launch_with_two_processes(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists() and shutil.which("accelerate") is None:
+        pytest.skip("accelerate launcher not installed")
+    out = tmp_path / "result.json"
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    cmd = [str(launcher if launcher.exists() else "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["processes"] == 2
+    assert result["ndcg"] > 0.5
