@@ -44,3 +44,33 @@ def test_evaluate_reports_bad_input_clearly(tmp_path):
 def test_evaluate_rejects_unknown_split(chain_dir):
     result = runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--split", "random"])
     assert result.exit_code != 0
+
+
+def test_train_sft_saves_registers_and_evaluates_the_model(chain_dir, tmp_path):
+    tiny = ["--set", "hidden_size=16", "--set", "num_layers=1", "--set", "max_epochs=3", "--set", "eval_every=1",
+            "--set", "progress=false", "--set", "max_minutes=null"]
+    out, registry = tmp_path / "run", tmp_path / "registry"
+    result = runner.invoke(app, ["train", "sft", "--data", str(chain_dir), "--out", str(out), "--recommender", "sasrec",
+                                 "--registry", str(registry), *tiny])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["version"] == "v0001" and "ndcg@10" in report["test"]
+    from dragonrec.registry import Registry
+
+    active = Registry(registry).active()
+    assert active.version == "v0001" and active.info.method == "sft"
+    assert active.info.metrics["test_ndcg@10"] == report["test"]["ndcg@10"]
+    again = runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--model", str(active.path),
+                                "--output", str(tmp_path / "e.json")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "e.json").read_text())["test"] == report["test"]  # the saved model, not a refit
+
+
+def test_demo_without_training(chain_dir, tmp_path, monkeypatch):
+    from dragonrec.evaluate import experiment
+
+    monkeypatch.setattr(experiment, "DEMO_RECOMMENDERS", {"popularity": {}, "cooccurrence": {"window": 1}})
+    result = runner.invoke(app, ["demo", "--data", str(chain_dir), "--out", str(tmp_path / "demo"), "--no-train"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary) == {"popularity", "cooccurrence"}

@@ -20,6 +20,7 @@ class EvalCases:
     histories: list[np.ndarray]  # n arrays of catalog indices, oldest first
     actions: list[np.ndarray]  # n arrays of action names, aligned with histories
     targets: np.ndarray  # [n] catalog index
+    target_actions: np.ndarray | None = None  # [n] action name of each target event, where known
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -27,7 +28,14 @@ class EvalCases:
     def subset(self, mask_or_idx: np.ndarray) -> "EvalCases":
         idx = np.flatnonzero(mask_or_idx) if np.asarray(mask_or_idx).dtype == bool else np.asarray(mask_or_idx)
         return EvalCases(self.user_ids[idx], [self.histories[i] for i in idx], [self.actions[i] for i in idx],
-                         self.targets[idx])
+                         self.targets[idx], None if self.target_actions is None else self.target_actions[idx])
+
+    def as_events(self, catalog_ids: np.ndarray) -> pd.DataFrame:
+        """The target events as canonical event rows (timestamps unknown: NaN), e.g. to train on them."""
+        actions = self.target_actions if self.target_actions is not None else np.full(len(self), "view", dtype=object)
+        return pd.DataFrame({"user_id": self.user_ids, "item_id": np.asarray(catalog_ids, dtype=object)[self.targets],
+                             "action": actions, "timestamp": np.nan, "request_id": None, "value": np.nan,
+                             "session_id": None, "order": np.nan, "item_idx": self.targets})
 
 
 @dataclass
@@ -68,21 +76,22 @@ def leave_one_out(events: pd.DataFrame) -> Split:
     actions = events["action"].to_numpy(dtype=object)
     users, starts, lengths = _user_groups(events)
     train_mask = np.ones(len(events), dtype=bool)
-    ev = {"valid": ([], [], [], []), "test": ([], [], [], [])}
+    ev = {"valid": ([], [], [], [], []), "test": ([], [], [], [], [])}
     for user, s, n in zip(users, starts, lengths):
         if n < 3:
             continue
         train_mask[s + n - 2: s + n] = False
         for name, t in (("valid", s + n - 2), ("test", s + n - 1)):
-            u, h, a, tg = ev[name]
+            u, h, a, tg, ta = ev[name]
             u.append(user)
             h.append(items[s:t])
             a.append(actions[s:t])
             tg.append(items[t])
+            ta.append(actions[t])
 
     def cases(name: str) -> EvalCases:
-        u, h, a, t = ev[name]
-        return EvalCases(np.asarray(u, dtype=object), h, a, np.asarray(t, dtype=np.int64))
+        u, h, a, t, ta = ev[name]
+        return EvalCases(np.asarray(u, dtype=object), h, a, np.asarray(t, dtype=np.int64), np.asarray(ta, dtype=object))
 
     split = Split("leave-one-out", events[train_mask].reset_index(drop=True), cases("valid"), cases("test"))
     split.info = {"train_only_users": int((lengths < 3).sum())}
@@ -105,15 +114,15 @@ def time_split(events: pd.DataFrame, valid_frac: float = 0.1, test_frac: float =
     users, starts, lengths = _user_groups(events)
 
     def window(lo: float, hi: float) -> EvalCases:
-        u, h, a, tg = [], [], [], []
+        u, h, a, tg, ta = [], [], [], [], []
         for user, s, n in zip(users, starts, lengths):
             t_user = ts[s:s + n]
             inside = np.flatnonzero((t_user >= lo) & (t_user < hi))
             if len(inside) == 0 or inside[0] == 0:
                 continue
             t = s + inside[0]
-            u.append(user); h.append(items[s:t]); a.append(actions[s:t]); tg.append(items[t])
-        return EvalCases(np.asarray(u, dtype=object), h, a, np.asarray(tg, dtype=np.int64))
+            u.append(user); h.append(items[s:t]); a.append(actions[s:t]); tg.append(items[t]); ta.append(actions[t])
+        return EvalCases(np.asarray(u, dtype=object), h, a, np.asarray(tg, dtype=np.int64), np.asarray(ta, dtype=object))
 
     split = Split("time", events[ts < t_valid].reset_index(drop=True), window(t_valid, t_test),
                   window(t_test, np.inf))

@@ -13,8 +13,13 @@ from dragonrec.data import cold_item_split, leave_one_out, load_dataset, time_sp
 from dragonrec.evaluate.runner import evaluate_cases
 from dragonrec.recommenders import build, recommender_class
 
-# What `dragonrec demo` evaluates, cheapest first.
-DEMO_RECOMMENDERS = ("popularity", "cooccurrence")
+# What `dragonrec demo` evaluates before it trains the generative model, cheapest first, with its settings.
+DEMO_RECOMMENDERS: dict[str, dict] = {
+    "popularity": {},
+    "cooccurrence": {},
+    "rag": {"k": 500, "scorer": "model:cooccurrence", "cache_dir": ".cache/embeddings",
+            "query": {"half_life": 0.5, "max_history": 5}},
+}
 
 
 def make_split(events, split: str, seed: int = 0):

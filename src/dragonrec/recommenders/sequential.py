@@ -31,8 +31,11 @@ class SequentialConfig(SeqRecConfig, SFTConfig):
 
     narrative_auto: bool = True  # turn on narrative mode when the training data has several action types
     vocab_seed: int = 0  # seed of the random model-id order of items
-    text_cache_dir: str | None = "artifacts/emb"  # on-disk cache of item text embeddings (None = none)
+    text_cache_dir: str | None = ".cache/embeddings"  # on-disk cache of item text embeddings (None = none)
     score_batch_size: int = 512  # histories per forward pass in score()
+    # After early stopping on `valid`, train a fresh model on train + the validation targets for the best
+    # epoch count (validation labels, never test ones; the chosen epochs come from the first run).
+    refit_with_valid: bool = False
 
     def model_part(self) -> SeqRecConfig:
         return SeqRecConfig(**{k: getattr(self, k) for k in SeqRecConfig.model_fields})
@@ -90,7 +93,22 @@ class SequentialRecommender(Recommender):
         self.model = SeqRecLM(cfg.model_part(), self.tokenizer.n_items, self.tokenizer.n_trained, text_emb=text)
         self.result = train_sft(self.model, self.tokenizer, user_sequences(train), valid=valid, cfg=cfg.train_part())
         self.model.to("cpu").eval()
+        if cfg.refit_with_valid and valid is not None and len(valid):
+            self._refit_with_valid(train, catalog, valid)
         return self
+
+    def _refit_with_valid(self, train: pd.DataFrame, catalog: Catalog, valid) -> None:
+        # Stable sort on user only: each user's validation target lands after their training events.
+        both = pd.concat([train, valid.as_events(catalog.item_ids)], ignore_index=True)
+        both = both.sort_values("user_id", kind="stable").reset_index(drop=True)
+        ckpt = self.cfg.checkpoint_dir and str(Path(self.cfg.checkpoint_dir) / "refit")
+        cfg2 = self.cfg.model_copy(update={"max_epochs": max(self.result.best_epoch, 1), "max_minutes": None,
+                                           "refit_with_valid": False, "checkpoint_dir": ckpt})
+        first = self.result
+        refit = type(self)(cfg2).fit(both, catalog)
+        self.model, self.tokenizer, self.result = refit.model, refit.tokenizer, refit.result
+        self.result.history = [*first.history, *self.result.history]
+        self.result.best_epoch, self.result.best_ndcg = first.best_epoch, first.best_ndcg
 
     def _check_fitted(self) -> None:
         if self.model is None:
@@ -145,4 +163,6 @@ class GenerativeRecommender(SequentialRecommender):
 
     name = "generative"
     # dropout 0.5 was best on Beauty validation with text (0.0683 vs 0.0672 at 0.3; benchmarks/results)
-    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5}
+    # refit on train + validation targets: test NDCG@10 0.0553 -> 0.0639 on Beauty (docs/benchmarks.md)
+    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5,
+                                      "refit_with_valid": True}
