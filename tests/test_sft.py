@@ -180,3 +180,29 @@ def test_refit_with_valid_trains_on_validation_targets_for_the_chosen_epochs(cha
     assert np.isfinite(model.score([np.array([1, 2])])[0, 3])
     first = [h for h in model.result.history if "ndcg@10" in h]
     assert first and model.result.best_epoch == max(first, key=lambda h: h["ndcg@10"])["epoch"]
+
+
+def test_generate_writes_only_real_distinct_allowed_items(chain_split):
+    ds, split = chain_split
+    model = SequentialRecommender(rec_cfg(max_epochs=15)).fit(split.train, ds.catalog)
+    history = split.test.histories[0]
+    scores = model.score([history])[0]
+    scores[history] = -np.inf
+    exclude = [int(np.argsort(-scores)[1])]  # bar the second-best item
+    recs = model.generate(history, n=5, exclude=exclude)
+    assert len(recs) == 5 == len(set(recs))
+    assert all(0 <= r < len(ds.catalog) for r in recs)
+    assert not set(recs) & set(history.tolist()) and exclude[0] not in recs
+    assert recs[0] == int(np.argmax(scores))  # greedy starts where the full ranking starts
+    assert len(set(model.generate(history, n=4, num_beams=3))) == 4
+
+
+def test_load_refuses_another_catalog(chain_split, tmp_path):
+    ds, split = chain_split
+    model = SequentialRecommender(rec_cfg(max_epochs=1)).fit(split.train, ds.catalog)
+    model.save(tmp_path)
+    from dragonrec.data import Catalog
+
+    shuffled = Catalog(ds.catalog.items.iloc[::-1].reset_index(drop=True))
+    with pytest.raises(ValueError, match="another catalog"):
+        SequentialRecommender.load(tmp_path, shuffled)

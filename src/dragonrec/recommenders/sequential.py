@@ -51,6 +51,13 @@ def item_text_embeddings(catalog: Catalog, cache_dir: str | None = None) -> np.n
     return embed_catalog(catalog, cache_dir=cache_dir)
 
 
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """sha256 of the catalog's item ids in order: a saved model only fits the catalog it was trained on."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, catalog.item_ids)).encode()).hexdigest()
+
+
 def user_sequences(events: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
     """(catalog indices, action names) per user, in the events' order (readers sort by user, then time)."""
     users = events["user_id"].to_numpy()
@@ -73,6 +80,7 @@ class SequentialRecommender(Recommender):
         self.model: SeqRecLM | None = None
         self.tokenizer: ItemTokenizer | None = None
         self.result: TrainResult | None = None
+        self._merged = None  # the HF model generate() runs, built on first use
 
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
         missing = {"user_id", "item_idx", "action"} - set(train.columns)
@@ -91,6 +99,7 @@ class SequentialRecommender(Recommender):
             text = item_text_embeddings(catalog, cfg.text_cache_dir)[self.tokenizer.vocab.catalog_index]
         torch.manual_seed(cfg.seed)
         self.model = SeqRecLM(cfg.model_part(), self.tokenizer.n_items, self.tokenizer.n_trained, text_emb=text)
+        self._merged = None
         self.result = train_sft(self.model, self.tokenizer, user_sequences(train), valid=valid, cfg=cfg.train_part())
         self.model.to("cpu").eval()
         if cfg.refit_with_valid and valid is not None and len(valid):
@@ -107,6 +116,7 @@ class SequentialRecommender(Recommender):
         first = self.result
         refit = type(self)(cfg2).fit(both, catalog)
         self.model, self.tokenizer, self.result = refit.model, refit.tokenizer, refit.result
+        self._merged = None
         self.result.history = [*first.history, *self.result.history]
         self.result.best_epoch, self.result.best_ndcg = first.best_epoch, first.best_ndcg
 
@@ -133,11 +143,36 @@ class SequentialRecommender(Recommender):
             out[s:s + len(toks), cols] = scores
         return out
 
+    @torch.no_grad()
+    def generate(self, history: np.ndarray, n: int = 10, actions: np.ndarray | None = None,
+                 exclude=None, exclude_history: bool = True, num_beams: int = 1) -> list[int]:
+        """A list of n catalog indices written token by token with constrained decoding: only real product
+        tokens, no repeats, no excluded item (nor a history item, by default). Greedy, or beam search."""
+        from dragonrec.model.decode import generate_items
+        from dragonrec.model.lm import ITEM_OFFSET
+
+        self._check_fitted()
+        cfg = self.model.cfg
+        history = np.asarray(history, dtype=np.int64)
+        if cfg.narrative and actions is None:
+            actions = np.full(len(history), "view", dtype=object)
+        tokens = self.tokenizer.encode(history, actions, narrative=cfg.narrative, max_len=cfg.max_len)
+        banned = np.concatenate([history if exclude_history else np.zeros(0, np.int64),
+                                 np.asarray(list(exclude or []), dtype=np.int64)])
+        banned_ids = self.tokenizer.item_ids(banned)
+        if self._merged is None:  # generate() needs a plain HF model; the text projection is merged into it
+            self._merged = self.model.merged_causal_lm().eval()
+        item_tokens = ITEM_OFFSET + np.arange(self.tokenizer.n_items)
+        positions = generate_items(self._merged, torch.tensor([tokens]), item_tokens, n,
+                                   exclude=[np.unique(banned_ids[banned_ids >= 0])], num_beams=num_beams)[0]
+        return self.tokenizer.vocab.catalog_index[np.asarray(positions, dtype=np.int64)].tolist()
+
     def save(self, path: Path) -> None:
         self._check_fitted()
         path = Path(path)
         self.model.save_pretrained(path, self.tokenizer)
         meta = {"name": self.name, "config": self.cfg.model_dump(), "n_catalog": len(self.catalog),
+                "catalog_sha256": catalog_fingerprint(self.catalog),
                 "train": self.result.to_dict() if self.result else None}
         (path / "recommender.json").write_text(json.dumps(meta, indent=2))
 
@@ -151,6 +186,9 @@ class SequentialRecommender(Recommender):
         if meta["n_catalog"] != len(catalog):
             raise ValueError(f"the model was trained on a catalog of {meta['n_catalog']} items, "
                              f"this catalog has {len(catalog)}")
+        if meta.get("catalog_sha256") not in (None, catalog_fingerprint(catalog)):
+            raise ValueError(f"{path} was trained on another catalog (same size, different item ids or order): "
+                             "its scores would name the wrong items")
         self = cls(SequentialConfig(**meta["config"]))
         self.catalog = catalog
         self.model = SeqRecLM.from_pretrained(path).eval()
