@@ -21,6 +21,7 @@ demo: install
 	$(VENV)/bin/dragonrec demo --data $(DATA) --out runs/demo
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest
 
 .PHONY: install demo test

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from dragonrec.evaluate.metrics import (
-    catalog_coverage, hit_rate_at_k, intra_list_diversity, mrr, ndcg_at_k, novelty, target_ranks,
+    catalog_coverage,
+    hit_rate_at_k,
+    intra_list_diversity,
+    mrr,
+    ndcg_at_k,
+    novelty,
+    target_ranks,
 )
 
 

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import chain_events, chain_items, shared_dataset
 
-from dragonrec.data import DataError, load_dataset, load_events, load_feedback_log, load_items
+from dragonrec.data import DataError, load_dataset, load_feedback_log, load_items
 from dragonrec.data.readers import parse_user_action
 from dragonrec.schema import Action
-
-from conftest import chain_events, chain_items, shared_dataset
 
 
 def write_csv_dataset(d: Path, events: pd.DataFrame, items: pd.DataFrame | None = None) -> Path:

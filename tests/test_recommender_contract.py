@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import chain_events, chain_items
 
 from dragonrec.data import leave_one_out, load_dataset
 from dragonrec.evaluate import evaluate_cases
 from dragonrec.recommenders import build
-
-from conftest import chain_events, chain_items
 
 # name -> (config overrides for a tiny run, whether it must learn the chain)
 TINY_SEQ = {"hidden_size": 32, "num_layers": 1, "emb_dropout": 0.0, "hidden_dropout": 0.0, "lr": 0.01,

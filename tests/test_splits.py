@@ -2,10 +2,9 @@
 
 import numpy as np
 import pandas as pd
+from conftest import shared_dataset
 
 from dragonrec.data import ItemVocab, cold_item_split, cold_user_mask, leave_one_out, load_dataset, time_split
-
-from conftest import shared_dataset
 
 
 def test_leave_one_out_by_time(chain_dataset):

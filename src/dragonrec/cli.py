@@ -17,9 +17,9 @@ console = Console(stderr=True)
 SPLITS = ("loo", "time", "cold-item")
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
+def _parse_overrides(pairs: list[str] | None) -> dict:
     out = {}
-    for pair in pairs:
+    for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep:
             raise typer.BadParameter(f"--set takes key=value, got {pair!r}")
@@ -53,7 +53,7 @@ def evaluate(
     model: Annotated[Path | None, typer.Option(help="load a saved model directory instead of training")] = None,
     split: Annotated[str, typer.Option(help="loo (leave-one-out), time, or cold-item")] = "loo",
     output: Annotated[Path | None, typer.Option(help="write the full report as JSON here")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override a config field: --set window=3")] = [],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: --set window=3")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="skip and count malformed rows instead of failing")] = False,
     seed: Annotated[int, typer.Option(help="seed for splits and models")] = 0,
 ) -> None:
@@ -87,7 +87,7 @@ def train_sft(
     recommender: Annotated[str, typer.Option(help="generative (item text) or sasrec (IDs only)")] = "generative",
     registry: Annotated[Path | None, typer.Option(help="register the trained version here and activate it")] = None,
     split: Annotated[str, typer.Option(help="loo, time or cold-item")] = "loo",
-    set_: Annotated[list[str], typer.Option("--set", help="override a config field: --set hidden_size=128")] = [],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: --set hidden_size=128")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Supervised fine-tuning on session narratives: train, early-stop on validation NDCG@10, save, evaluate,

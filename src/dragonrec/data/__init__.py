@@ -1,7 +1,15 @@
 """Reading catalogs and event logs, validating them, and splitting them by time."""
 
 from dragonrec.data.catalog import Catalog
-from dragonrec.data.readers import DataError, Dataset, ReadReport, load_dataset, load_events, load_feedback_log, load_items
+from dragonrec.data.readers import (
+    DataError,
+    Dataset,
+    ReadReport,
+    load_dataset,
+    load_events,
+    load_feedback_log,
+    load_items,
+)
 from dragonrec.data.splits import EvalCases, Split, cold_item_split, cold_user_mask, leave_one_out, time_split
 from dragonrec.data.vocab import ItemVocab
 

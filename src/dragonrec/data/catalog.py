@@ -25,6 +25,13 @@ class Catalog:
         self.items = self.items.reset_index(drop=True)
         self._index = {item_id: i for i, item_id in enumerate(self.items["item_id"].tolist())}
 
+    @classmethod
+    def from_ids(cls, item_ids) -> Catalog:
+        """A catalog that knows only item ids (no text), for logs that come without one."""
+        ids = pd.Series(list(item_ids), dtype=object)
+        return cls(pd.DataFrame({"item_id": ids.astype(str)}, dtype=object).assign(
+            title=None, brand=None, category=None, price=np.nan, description=None))
+
     def __len__(self) -> int:
         return len(self.items)
 

@@ -70,7 +70,7 @@ class ReadReport:
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def merge(self, other: "ReadReport") -> None:
+    def merge(self, other: ReadReport) -> None:
         self.rows_read += other.rows_read
         self.skipped.update(other.skipped)
         for k, v in other.examples.items():
@@ -110,7 +110,7 @@ def _read_jsonl(path: Path, on_error: OnError, report: ReadReport) -> pd.DataFra
             try:
                 obj = json.loads(raw)
                 if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
+                    raise ValueError("not a JSON object")  # noqa: TRY004 (reported as malformed JSON below)
             except ValueError as e:
                 err = DataError(path, f"malformed JSON: {e}", line=lineno)
                 if on_error == "raise":
@@ -323,8 +323,7 @@ def load_dataset(path: Path | str, item_mapping: dict[str, str] | None = None,
     if events_path is not None:
         if catalog is None:  # no catalog file: the catalog is every item the log mentions
             raw = load_events(events_path, None, event_mapping, on_error, report)
-            catalog = Catalog(pd.DataFrame({"item_id": pd.unique(raw["item_id"])}).assign(
-                title=None, brand=None, category=None, price=np.nan, description=None))
+            catalog = Catalog.from_ids(pd.unique(raw["item_id"]))
             raw["item_idx"] = catalog.indices(raw["item_id"])
             frames.append(raw)
         else:
@@ -430,8 +429,7 @@ def load_feedback_log(path: Path | str, catalog: Catalog | None = None, on_error
     report.rows_read += len(impressions)
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp", "request_id", "order"])
     if catalog is None:
-        catalog = Catalog(pd.DataFrame({"item_id": list(mentioned)}, dtype=object).assign(
-            title=None, brand=None, category=None, price=np.nan, description=None))
+        catalog = Catalog.from_ids(list(mentioned))
     events["item_idx"] = catalog.indices(events["item_id"]) if len(events) else np.zeros(0, dtype=np.int64)
     events["value"] = np.nan
     events["session_id"] = None

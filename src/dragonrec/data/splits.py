@@ -25,7 +25,7 @@ class EvalCases:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def subset(self, mask_or_idx: np.ndarray) -> "EvalCases":
+    def subset(self, mask_or_idx: np.ndarray) -> EvalCases:
         idx = np.flatnonzero(mask_or_idx) if np.asarray(mask_or_idx).dtype == bool else np.asarray(mask_or_idx)
         return EvalCases(self.user_ids[idx], [self.histories[i] for i in idx], [self.actions[i] for i in idx],
                          self.targets[idx], None if self.target_actions is None else self.target_actions[idx])
@@ -159,7 +159,7 @@ def cold_item_split(events: pd.DataFrame, frac: float = 0.05, seed: int = 0) -> 
     base = leave_one_out(events)
     all_items = np.unique(events["item_idx"].to_numpy())
     rng = np.random.default_rng(seed)
-    cold = rng.choice(all_items, size=max(1, int(round(frac * len(all_items)))), replace=False)
+    cold = rng.choice(all_items, size=max(1, round(frac * len(all_items))), replace=False)
     is_cold = np.zeros(int(events["item_idx"].max()) + 1, dtype=bool)
     is_cold[cold] = True
     train = base.train[~is_cold[base.train["item_idx"].to_numpy()]].reset_index(drop=True)
@@ -168,5 +168,5 @@ def cold_item_split(events: pd.DataFrame, frac: float = 0.05, seed: int = 0) -> 
     split.slices["cold_item"] = is_cold[base.test.targets]
     split.slices["cold_user"] = cold_user_mask(split.test, train)
     split.valid_slices["cold_user"] = cold_user_mask(valid, train)
-    split.info = {"cold_items": int(len(cold)), "cold_item_test_cases": int(split.slices["cold_item"].sum())}
+    split.info = {"cold_items": len(cold), "cold_item_test_cases": int(split.slices["cold_item"].sum())}
     return split

@@ -25,7 +25,7 @@ class ItemVocab:
         self.model_id[self.catalog_index] = np.arange(len(self.catalog_index))
 
     @classmethod
-    def from_train(cls, train_item_idx: np.ndarray, n_catalog: int, seed: int = 0) -> "ItemVocab":
+    def from_train(cls, train_item_idx: np.ndarray, n_catalog: int, seed: int = 0) -> ItemVocab:
         seen = np.unique(np.asarray(train_item_idx, dtype=np.int64))
         order = np.random.default_rng(seed).permutation(len(seen))
         return cls(catalog_index=seen[order], n_catalog=n_catalog)
@@ -41,5 +41,5 @@ class ItemVocab:
         return {"catalog_index": self.catalog_index.tolist(), "n_catalog": self.n_catalog}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ItemVocab":
+    def from_dict(cls, d: dict) -> ItemVocab:
         return cls(catalog_index=np.asarray(d["catalog_index"], dtype=np.int64), n_catalog=int(d["n_catalog"]))

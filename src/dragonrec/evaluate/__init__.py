@@ -1,7 +1,13 @@
 """Offline evaluation: metrics as pure functions and a runner that ranks the whole catalog."""
 
 from dragonrec.evaluate.metrics import (
-    catalog_coverage, hit_rate_at_k, intra_list_diversity, mrr, ndcg_at_k, novelty, target_ranks,
+    catalog_coverage,
+    hit_rate_at_k,
+    intra_list_diversity,
+    mrr,
+    ndcg_at_k,
+    novelty,
+    target_ranks,
 )
 from dragonrec.evaluate.runner import evaluate_cases, evaluate_split
 

@@ -10,7 +10,13 @@ import pandas as pd
 
 from dragonrec.data.splits import EvalCases, Split
 from dragonrec.evaluate.metrics import (
-    catalog_coverage, hit_rate_at_k, intra_list_diversity, mrr, ndcg_at_k, novelty, target_ranks,
+    catalog_coverage,
+    hit_rate_at_k,
+    intra_list_diversity,
+    mrr,
+    ndcg_at_k,
+    novelty,
+    target_ranks,
 )
 from dragonrec.recommenders.base import Recommender
 
@@ -23,7 +29,7 @@ def ranking_metrics(ranks: np.ndarray, ks=KS) -> dict[str, float]:
         out[f"hr@{k}"] = hit_rate_at_k(ranks, k)
         out[f"ndcg@{k}"] = ndcg_at_k(ranks, k)
     out["mrr"] = mrr(ranks)
-    out["cases"] = int(len(ranks))
+    out["cases"] = len(ranks)
     return out
 
 
