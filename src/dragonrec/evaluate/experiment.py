@@ -88,6 +88,9 @@ def run_evaluation(data: Path | str, recommender: str | None, *, model_dir: Path
         "fit_seconds": fit_seconds,
         "total_seconds": time.perf_counter() - t0,
     }
+    if report["config"].get("refit_with_valid"):
+        report["note"] = ("refit_with_valid: the final model was trained on the validation targets too, so the "
+                          "'valid' numbers are not held-out; the epoch count was chosen on validation before that")
     for name, res in results.items():
         report[name] = res["metrics"]
         report[f"{name}_keep_history"] = res["keep_history"]
