@@ -84,7 +84,8 @@ def main() -> None:
     ds = load_dataset(args.data)
     split = leave_one_out(ds.events) if args.split == "loo" else cold_item_split(ds.events)
     cls = MODELS[args.model]
-    cfg = SequentialConfig(**{**cls.default_config, **parse_sets(args.set)})
+    # The early-stopped model first (refit off); --final-with-valid then refits it as `refit_with_valid` would.
+    cfg = SequentialConfig(**{**cls.default_config, "refit_with_valid": False, **parse_sets(args.set)})
     t0 = time.perf_counter()
     model = cls(cfg).fit(split.train, ds.catalog, valid=split.valid)
     fit_s = time.perf_counter() - t0
@@ -101,19 +102,12 @@ def main() -> None:
     if args.save:
         model.save(args.save)
     if args.final_with_valid:
-        # Train + each user's validation target (all events but the test target); epochs fixed from above.
-        ev = ds.events
-        last = ev.groupby("user_id", sort=False).cumcount(ascending=False) == 0
-        n_per_user = ev.groupby("user_id", sort=False)["item_idx"].transform("size")
-        train2 = ev[~(last & (n_per_user >= 3))].reset_index(drop=True)
-        if args.split == "cold-item":
-            train2 = train2[train2["item_idx"].isin(np.unique(split.train["item_idx"]))].reset_index(drop=True)
-        cfg2 = model.cfg.model_copy(update={"max_epochs": max(r.best_epoch, 1), "max_minutes": None})
+        # The recommender's own refit: train + each user's validation target, epochs fixed from above.
         t1 = time.perf_counter()
-        final = cls(cfg2).fit(train2, ds.catalog)
-        res2 = evaluate_split(final, split)
+        model.refit(split.train, ds.catalog, split.valid)
+        res2 = evaluate_split(model, split)
         report["final_with_valid"] = {"test": summarize(res2["test"]), "fit_s": time.perf_counter() - t1,
-                                      "epochs": cfg2.max_epochs}
+                                      "epochs": max(r.best_epoch, 1)}
     text = json.dumps(report, indent=2, default=float)
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2, default=float))
     if args.out:

@@ -17,12 +17,12 @@ from dragonrec.recommenders import build
 # name -> (config overrides for a tiny run, whether it must learn the chain)
 TINY_SEQ = {"hidden_size": 32, "num_layers": 1, "emb_dropout": 0.0, "hidden_dropout": 0.0, "lr": 0.01,
             "batch_size": 16, "max_epochs": 30, "eval_every": 1, "patience": 30, "warmup_steps": 5,
-            "progress": False, "max_minutes": None, "text_cache_dir": None}
+            "progress": False, "max_minutes": None, "text_cache_dir": None, "refit_with_valid": False}
 CONTRACT: dict[str, tuple[dict, bool]] = {
     "popularity": ({}, False),
     "cooccurrence": ({"window": 1, "last_n": 1}, True),
     "sasrec": (TINY_SEQ, True),
-    "generative": ({**TINY_SEQ, "refit_with_valid": False}, True),
+    "generative": (TINY_SEQ, True),
     # K covers the tiny catalog, so the scorer (co-occurrence) decides the order.
     "rag": ({"k": 12, "scorer": "model:cooccurrence"}, True),
 }

@@ -35,7 +35,7 @@ class SequentialConfig(SeqRecConfig, SFTConfig):
     score_batch_size: int = 512  # histories per forward pass in score()
     # After early stopping on `valid`, train a fresh model on train + the validation targets for the best
     # epoch count (validation labels, never test ones; the chosen epochs come from the first run).
-    refit_with_valid: bool = False
+    refit_with_valid: bool = True
 
     def model_part(self) -> SeqRecConfig:
         return SeqRecConfig(**{k: getattr(self, k) for k in SeqRecConfig.model_fields})
@@ -103,10 +103,13 @@ class SequentialRecommender(Recommender):
         self.result = train_sft(self.model, self.tokenizer, user_sequences(train), valid=valid, cfg=cfg.train_part())
         self.model.to("cpu").eval()
         if cfg.refit_with_valid and valid is not None and len(valid):
-            self._refit_with_valid(train, catalog, valid)
+            self.refit(train, catalog, valid)
         return self
 
-    def _refit_with_valid(self, train: pd.DataFrame, catalog: Catalog, valid) -> None:
+    def refit(self, train: pd.DataFrame, catalog: Catalog, valid) -> Self:
+        """Replace the fitted model by a fresh one trained on train + the validation targets, for the epoch
+        count early stopping chose on `valid` (what `refit_with_valid` does at the end of `fit`)."""
+        self._check_fitted()
         # Stable sort on user only: each user's validation target lands after their training events.
         both = pd.concat([train, valid.as_events(catalog.item_ids)], ignore_index=True)
         both = both.sort_values("user_id", kind="stable").reset_index(drop=True)
@@ -119,6 +122,7 @@ class SequentialRecommender(Recommender):
         self._merged = None
         self.result.history = [*first.history, *self.result.history]
         self.result.best_epoch, self.result.best_ndcg = first.best_epoch, first.best_ndcg
+        return self
 
     def _check_fitted(self) -> None:
         if self.model is None:
@@ -201,6 +205,4 @@ class GenerativeRecommender(SequentialRecommender):
 
     name = "generative"
     # dropout 0.5 was best on Beauty validation with text (0.0683 vs 0.0672 at 0.3; benchmarks/results)
-    # refit on train + validation targets: test NDCG@10 0.0553 -> 0.0639 on Beauty (docs/benchmarks.md)
-    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5,
-                                      "refit_with_valid": True}
+    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5}
