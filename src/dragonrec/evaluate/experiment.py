@@ -19,6 +19,7 @@ DEMO_RECOMMENDERS: dict[str, dict] = {
     "cooccurrence": {},
     "rag": {"k": 500, "scorer": "model:cooccurrence", "cache_dir": ".cache/embeddings",
             "query": {"half_life": 0.5, "max_history": 5}},
+    "sasrec": {"progress": False},
 }
 
 
