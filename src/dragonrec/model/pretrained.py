@@ -40,7 +40,7 @@ from dragonrec.data.catalog import Catalog
 from dragonrec.data.vocab import ItemVocab
 from dragonrec.model.decode import generate_items, left_pad, score_next_items
 from dragonrec.model.narrative import ItemNames, Narrative, to_text
-from dragonrec.recommenders.base import Recommender, _exclusions
+from dragonrec.recommenders.base import Recommender, _exclusions, check_train_events
 
 
 class PretrainedConfig(BaseModel):
@@ -202,11 +202,7 @@ class PretrainedLMRecommender(Recommender):
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
         from accelerate import Accelerator
 
-        missing = {"user_id", "item_idx", "action"} - set(train.columns)
-        if missing:
-            raise ValueError(f"training events lack columns {sorted(missing)}")
-        if not len(train):
-            raise ValueError("no training events")
+        check_train_events(train)
         t_start = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
         self.catalog = catalog

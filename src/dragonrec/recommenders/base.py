@@ -54,6 +54,15 @@ class Recommender(ABC):
         return cfg.model_dump() if hasattr(cfg, "model_dump") else {}
 
 
+def check_train_events(train: pd.DataFrame, columns=("user_id", "item_idx", "action")) -> None:
+    """A clear error for training events a model cannot learn from."""
+    missing = set(columns) - set(train.columns)
+    if missing:
+        raise ValueError(f"training events lack columns {sorted(missing)}")
+    if not len(train):
+        raise ValueError("no training events")
+
+
 def _exclusions(history: Iterable[int], exclude: Iterable[int] | None) -> np.ndarray:
     parts = [np.asarray(list(history), dtype=np.int64)]
     if exclude is not None:

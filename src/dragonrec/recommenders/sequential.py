@@ -22,7 +22,7 @@ import torch
 from dragonrec.data.catalog import Catalog
 from dragonrec.model.config import SeqRecConfig
 from dragonrec.model.lm import ItemTokenizer, SeqRecLM, pad_batch
-from dragonrec.recommenders.base import Recommender
+from dragonrec.recommenders.base import Recommender, check_train_events
 from dragonrec.train.sft import SFTConfig, TrainResult, train_sft
 
 
@@ -83,11 +83,7 @@ class SequentialRecommender(Recommender):
         self._merged = None  # the HF model generate() runs, built on first use
 
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
-        missing = {"user_id", "item_idx", "action"} - set(train.columns)
-        if missing:
-            raise ValueError(f"training events lack columns {sorted(missing)}")
-        if not len(train):
-            raise ValueError("no training events")
+        check_train_events(train)
         self.catalog = catalog
         cfg = self.cfg
         if cfg.narrative_auto and not cfg.narrative and train["action"].nunique() > 1:
