@@ -60,6 +60,7 @@ def test_train_sft_saves_registers_and_evaluates_the_model(chain_dir, tmp_path):
     active = Registry(registry).active()
     assert active.version == "v0001" and active.info.method == "sft"
     assert active.info.metrics["test_ndcg@10"] == report["test"]["ndcg@10"]
+    assert active.info.data_window.n_events == report["split"]["train_events"] > 0
     again = runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--model", str(active.path),
                                 "--output", str(tmp_path / "e.json")])
     assert again.exit_code == 0, again.output

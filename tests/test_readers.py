@@ -76,7 +76,7 @@ def test_bad_row_is_located_or_skipped(tmp_path, column, value, problem):
     ds = load_dataset(d, on_error="skip")
     assert len(ds.events) == len(ev) - 1
     assert ds.report.n_skipped == 1
-    assert ds.report.examples[problem.split(":")[0]][0].endswith(problem.split(": ", 1)[-1]) or problem in ds.report.examples[problem.split(":")[0]][0]
+    assert problem in ds.report.examples[problem.split(":")[0]][0]
 
 
 def test_malformed_jsonl_line(tmp_path):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dragonrec.data import load_dataset
-from dragonrec.evaluate.experiment import make_split, run_evaluation
+from dragonrec.evaluate.experiment import run_evaluation
 from dragonrec.recommenders import build
 
 
@@ -28,12 +27,10 @@ def run_sft(data: Path | str, out: Path | str, *, recommender: str = "generative
     if registry is not None:
         from dragonrec.registry import DataWindow, Registry
 
-        dataset = load_dataset(data)
-        train = make_split(dataset.events, split, seed=seed).train
         metrics = {f"valid_{k}": v for k, v in report["valid"].items()}
         metrics.update({f"test_{k}": v for k, v in report["test"].items()})
         version = Registry(registry).register(out / "model", method="sft", metrics=metrics, config=report["config"],
-                                              data_window=DataWindow.from_events(dataset.name, train), activate=True)
+                                              data_window=DataWindow(**report["train_window"]), activate=True)
         report["version"] = version.version
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
