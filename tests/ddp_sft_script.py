@@ -19,7 +19,7 @@ from dragonrec.data import leave_one_out, load_dataset
 from dragonrec.model.config import SeqRecConfig
 from dragonrec.model.lm import ItemTokenizer, SeqRecLM
 from dragonrec.recommenders.sequential import user_sequences
-from dragonrec.train.sft import SFTConfig, train_sft
+from dragonrec.model.trainer import SFTConfig, train_sft
 
 
 def main(out: Path) -> None:

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 
 def test_sft_runs_on_two_cpu_processes_in_step(tmp_path):
-    pytest.importorskip("dragonrec.train.sft")
+    pytest.importorskip("dragonrec.model.trainer")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -96,7 +96,7 @@ def train_sft(
 
     Example: dragonrec train sft --data ../shared/data/amazon-beauty --out runs/sft --registry runs/registry
     """
-    from dragonrec.train.jobs import run_sft
+    from dragonrec.train.sft import run_sft
 
     if split not in SPLITS:
         raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
@@ -118,7 +118,7 @@ def demo(
     Example: dragonrec demo --data ../shared/data/amazon-beauty --out runs/demo
     """
     from dragonrec.evaluate.experiment import DEMO_RECOMMENDERS, run_evaluation
-    from dragonrec.train.jobs import run_sft
+    from dragonrec.train.sft import run_sft
 
     out.mkdir(parents=True, exist_ok=True)
     summary = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -62,6 +63,64 @@ def parse_action(raw: str) -> Action:
         return ACTION_ALIASES[key]
     except KeyError:
         raise ValueError(f"unknown action {raw!r} (known: {', '.join(a.value for a in ACTIONS)})") from None
+
+
+class Polarity(StrEnum):
+    """What an action says about the user's interest in the item."""
+
+    POSITIVE = "positive"  # interest: a training positive and a possible evaluation target
+    NEGATIVE = "negative"  # disinterest: never a positive, never a target; a reader of negatives may use it
+    NEUTRAL = "neutral"  # too weak to say either way: kept in histories, never a positive or a target
+
+
+class Meaning(BaseModel):
+    """One row of the event-semantics table."""
+
+    model_config = ConfigDict(frozen=True)
+
+    polarity: Polarity
+    strength: float  # how strong the signal is, signed: purchase 1.0 ... scroll_past < 0; neutral 0
+
+
+# The one table of what each action means. Readers keep every event; splits pick targets, recommenders pick
+# training positives, metrics pick hits from it (`is_positive`, `positive_mask`); rewards start from it.
+ACTION_MEANING: dict[Action, Meaning] = {
+    Action.VIEW: Meaning(polarity=Polarity.POSITIVE, strength=0.2),
+    Action.HOVER: Meaning(polarity=Polarity.NEUTRAL, strength=0.0),
+    Action.CLICK: Meaning(polarity=Polarity.POSITIVE, strength=0.4),
+    Action.SCROLL_PAST: Meaning(polarity=Polarity.NEGATIVE, strength=-0.2),
+    Action.ADD_TO_CART: Meaning(polarity=Polarity.POSITIVE, strength=0.7),
+    Action.REMOVE_FROM_CART: Meaning(polarity=Polarity.NEGATIVE, strength=-0.5),
+    Action.PURCHASE: Meaning(polarity=Polarity.POSITIVE, strength=1.0),
+    Action.REVIEW: Meaning(polarity=Polarity.POSITIVE, strength=1.0),  # Amazon logs a purchase as its review
+    Action.FAVORITE: Meaning(polarity=Polarity.POSITIVE, strength=0.6),
+}
+POSITIVE_ACTIONS: frozenset[str] = frozenset(a.value for a, m in ACTION_MEANING.items()
+                                             if m.polarity is Polarity.POSITIVE)
+NEGATIVE_ACTIONS: frozenset[str] = frozenset(a.value for a, m in ACTION_MEANING.items()
+                                             if m.polarity is Polarity.NEGATIVE)
+
+
+def meaning(action: str | Action) -> Meaning:
+    """The table row of an action (any known spelling)."""
+    return ACTION_MEANING[action if isinstance(action, Action) else parse_action(action)]
+
+
+def is_positive(action: str | Action) -> bool:
+    return meaning(action).polarity is Polarity.POSITIVE
+
+
+def positive_mask(actions) -> np.ndarray:
+    """[n] bool: which of these canonical action names (`Action` values) are positive."""
+    acts = np.asarray(actions, dtype=object)
+    return np.fromiter((a in POSITIVE_ACTIONS for a in acts.ravel()), dtype=bool, count=acts.size).reshape(acts.shape)
+
+
+def action_strengths(actions) -> np.ndarray:
+    """[n] float: the signed strength of each canonical action name."""
+    table = {a.value: m.strength for a, m in ACTION_MEANING.items()}
+    acts = np.asarray(actions, dtype=object)
+    return np.fromiter((table[a] for a in acts.ravel()), dtype=np.float64, count=acts.size).reshape(acts.shape)
 
 
 class Item(BaseModel):

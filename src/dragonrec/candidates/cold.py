@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from dragonrec.recommenders.popularity import item_popularity
+from dragonrec.data.stats import item_popularity
 
 
 class ColdStartConfig(BaseModel):

@@ -8,21 +8,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dragonrec.embed import Embedder, embed_texts, normalize
-from dragonrec.schema import ACTION_ALIASES, Action
+from dragonrec.schema import ACTION_ALIASES, ACTION_MEANING, Action
 
 
 def _default_action_weights() -> dict[str, float]:
-    return {
-        Action.VIEW.value: 1.0,
-        Action.HOVER.value: 0.5,
-        Action.CLICK.value: 1.5,
-        Action.SCROLL_PAST.value: -0.3,  # shown and ignored: mildly against
-        Action.ADD_TO_CART.value: 3.0,
-        Action.REMOVE_FROM_CART.value: -1.0,  # changed their mind: against
-        Action.PURCHASE.value: 4.0,
-        Action.REVIEW.value: 4.0,  # Amazon logs a purchase as its review
-        Action.FAVORITE.value: 3.0,
-    }
+    # From the one event-semantics table: a purchase pulls the query 4x, a scroll-past pushes it away.
+    return {a.value: 4.0 * m.strength for a, m in ACTION_MEANING.items()}
 
 
 class QueryConfig(BaseModel):

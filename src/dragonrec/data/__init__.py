@@ -10,10 +10,34 @@ from dragonrec.data.readers import (
     load_feedback_log,
     load_items,
 )
-from dragonrec.data.splits import EvalCases, Split, cold_item_split, cold_user_mask, leave_one_out, time_split
+from dragonrec.data.splits import (
+    EvalCases,
+    Split,
+    cold_item_split,
+    cold_user_mask,
+    leave_one_out,
+    same_day_mask,
+    shuffle_ties,
+    time_split,
+)
 from dragonrec.data.vocab import ItemVocab
 
 __all__ = [
-    "Catalog", "DataError", "Dataset", "EvalCases", "ItemVocab", "ReadReport", "Split", "cold_item_split",
-    "cold_user_mask", "leave_one_out", "load_dataset", "load_events", "load_feedback_log", "load_items", "time_split",
+    "Catalog",
+    "DataError",
+    "Dataset",
+    "EvalCases",
+    "ItemVocab",
+    "ReadReport",
+    "Split",
+    "cold_item_split",
+    "cold_user_mask",
+    "leave_one_out",
+    "load_dataset",
+    "load_events",
+    "load_feedback_log",
+    "load_items",
+    "same_day_mask",
+    "shuffle_ties",
+    "time_split",
 ]

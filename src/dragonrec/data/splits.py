@@ -1,7 +1,12 @@
 """Chronological splits: leave-one-out by time, a global time split, cold-user and cold-item slices.
 
 An evaluation case is (user, history, target): the history is every event of the user before the target,
-in time order; the target is a catalog index. Training events never include a validation or test target.
+in time order (negative and neutral events included, with their actions); the target is a catalog index and
+always a positive event (`dragonrec.schema.ACTION_MEANING`): a scroll-past is never what we ask a model to
+predict. Training events never include a validation or test target, nor anything after the validation target.
+
+Same-timestamp order: some logs (Amazon 5-core) order same-day events by item id, an artefact a model can
+learn. `shuffle_ties` reorders every run of same-timestamp events of a user with a seed, before splitting.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from dragonrec.schema import positive_mask
 
 
 @dataclass
@@ -21,20 +28,27 @@ class EvalCases:
     actions: list[np.ndarray]  # n arrays of action names, aligned with histories
     targets: np.ndarray  # [n] catalog index
     target_actions: np.ndarray | None = None  # [n] action name of each target event, where known
+    target_times: np.ndarray | None = None  # [n] target timestamp (seconds), where known
+    previous_times: np.ndarray | None = None  # [n] timestamp of the event just before the target (NaN: none)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def subset(self, mask_or_idx: np.ndarray) -> EvalCases:
         idx = np.flatnonzero(mask_or_idx) if np.asarray(mask_or_idx).dtype == bool else np.asarray(mask_or_idx)
+        def pick(a):
+            return None if a is None else a[idx]
+
         return EvalCases(self.user_ids[idx], [self.histories[i] for i in idx], [self.actions[i] for i in idx],
-                         self.targets[idx], None if self.target_actions is None else self.target_actions[idx])
+                         self.targets[idx], pick(self.target_actions), pick(self.target_times),
+                         pick(self.previous_times))
 
     def as_events(self, catalog_ids: np.ndarray) -> pd.DataFrame:
         """The target events as canonical event rows (timestamps unknown: NaN), e.g. to train on them."""
         actions = self.target_actions if self.target_actions is not None else np.full(len(self), "view", dtype=object)
+        ts = self.target_times if self.target_times is not None else np.full(len(self), np.nan)
         return pd.DataFrame({"user_id": self.user_ids, "item_id": np.asarray(catalog_ids, dtype=object)[self.targets],
-                             "action": actions, "timestamp": np.nan, "request_id": None, "value": np.nan,
+                             "action": actions, "timestamp": ts, "request_id": None, "value": np.nan,
                              "session_id": None, "order": np.nan, "item_idx": self.targets})
 
 
@@ -66,69 +80,108 @@ def _check_sorted(events: pd.DataFrame) -> None:
         raise ValueError("events must be sorted by user_id, timestamp, order (as the readers return them)")
 
 
-def leave_one_out(events: pd.DataFrame) -> Split:
-    """Per user: last event = test target, second-to-last = validation target, the rest = training.
+class _CaseBuilder:
+    """Collects cases from (user, history slice, target row) of one sorted event table."""
 
-    The test history includes the validation event. Users with fewer than 3 events only train.
+    def __init__(self, events: pd.DataFrame):
+        self.items = events["item_idx"].to_numpy(dtype=np.int64)
+        self.actions = events["action"].to_numpy(dtype=object)
+        self.ts = events["timestamp"].to_numpy(dtype=np.float64)
+        self.rows: list[tuple[str, int, int]] = []  # (user, first row of the user, target row)
+
+    def add(self, user: str, start: int, target: int) -> None:
+        self.rows.append((user, start, target))
+
+    def build(self) -> EvalCases:
+        users = np.asarray([u for u, _, _ in self.rows], dtype=object)
+        hist = [self.items[s:t] for _, s, t in self.rows]
+        acts = [self.actions[s:t] for _, s, t in self.rows]
+        tgt = np.asarray([t for _, _, t in self.rows], dtype=np.int64)
+        prev = np.asarray([self.ts[t - 1] if t > s else np.nan for _, s, t in self.rows], dtype=np.float64)
+        return EvalCases(users, hist, acts, self.items[tgt], self.actions[tgt], self.ts[tgt], prev)
+
+
+def leave_one_out(events: pd.DataFrame, min_positives: int = 3) -> Split:
+    """Per user: the last positive event = test target, the positive event before it = validation target;
+    training = every event before the validation target.
+
+    The test history includes the validation event (and any event between the two). Users with fewer than
+    `min_positives` positive events only train.
     """
     _check_sorted(events)
-    items = events["item_idx"].to_numpy(dtype=np.int64)
-    actions = events["action"].to_numpy(dtype=object)
     users, starts, lengths = _user_groups(events)
+    positive = positive_mask(events["action"].to_numpy(dtype=object))
     train_mask = np.ones(len(events), dtype=bool)
-    ev = {"valid": ([], [], [], [], []), "test": ([], [], [], [], [])}
+    valid, test = _CaseBuilder(events), _CaseBuilder(events)
+    train_only = after = 0
     for user, s, n in zip(users, starts, lengths):
-        if n < 3:
+        pos = s + np.flatnonzero(positive[s:s + n])
+        if len(pos) < min_positives:
+            train_only += 1
             continue
-        train_mask[s + n - 2: s + n] = False
-        for name, t in (("valid", s + n - 2), ("test", s + n - 1)):
-            u, h, a, tg, ta = ev[name]
-            u.append(user)
-            h.append(items[s:t])
-            a.append(actions[s:t])
-            tg.append(items[t])
-            ta.append(actions[t])
-
-    def cases(name: str) -> EvalCases:
-        u, h, a, t, ta = ev[name]
-        return EvalCases(np.asarray(u, dtype=object), h, a, np.asarray(t, dtype=np.int64), np.asarray(ta, dtype=object))
-
-    split = Split("leave-one-out", events[train_mask].reset_index(drop=True), cases("valid"), cases("test"))
-    split.info = {"train_only_users": int((lengths < 3).sum())}
-    _add_cold_user_slices(split)
+        v, t = int(pos[-2]), int(pos[-1])
+        train_mask[v:s + n] = False
+        valid.add(user, s, v)
+        test.add(user, s, t)
+        after += s + n - 1 - t
+    split = Split("leave-one-out", events[train_mask].reset_index(drop=True), valid.build(), test.build())
+    split.info = {"train_only_users": train_only, "events_after_test_target": after}
+    _add_slices(split)
     return split
 
 
 def time_split(events: pd.DataFrame, valid_frac: float = 0.1, test_frac: float = 0.2) -> Split:
     """A global time split: training before t_valid, validation in [t_valid, t_test), test from t_test.
 
-    Each user with events in a window and at least one event before it yields one case: the user's first
-    event in the window is the target and every earlier event is the history (users unseen before are the
-    cold-start problem, not this split's).
+    Each user with a positive event in a window and at least one event before it yields one case: the user's
+    first positive event in the window is the target and every earlier event is the history (users unseen
+    before are the cold-start problem, not this split's).
     """
     _check_sorted(events)
     ts = events["timestamp"].to_numpy(dtype=np.float64)
     t_valid, t_test = np.quantile(ts, [1 - valid_frac - test_frac, 1 - test_frac])
-    items = events["item_idx"].to_numpy(dtype=np.int64)
-    actions = events["action"].to_numpy(dtype=object)
+    positive = positive_mask(events["action"].to_numpy(dtype=object))
     users, starts, lengths = _user_groups(events)
 
     def window(lo: float, hi: float) -> EvalCases:
-        u, h, a, tg, ta = [], [], [], [], []
+        cases = _CaseBuilder(events)
         for user, s, n in zip(users, starts, lengths):
-            t_user = ts[s:s + n]
-            inside = np.flatnonzero((t_user >= lo) & (t_user < hi))
+            inside = np.flatnonzero((ts[s:s + n] >= lo) & (ts[s:s + n] < hi) & positive[s:s + n])
             if len(inside) == 0 or inside[0] == 0:
                 continue
-            t = s + inside[0]
-            u.append(user); h.append(items[s:t]); a.append(actions[s:t]); tg.append(items[t]); ta.append(actions[t])
-        return EvalCases(np.asarray(u, dtype=object), h, a, np.asarray(tg, dtype=np.int64), np.asarray(ta, dtype=object))
+            cases.add(user, s, s + int(inside[0]))
+        return cases.build()
 
     split = Split("time", events[ts < t_valid].reset_index(drop=True), window(t_valid, t_test),
                   window(t_test, np.inf))
     split.info = {"t_valid": float(t_valid), "t_test": float(t_test)}
-    _add_cold_user_slices(split)
+    _add_slices(split)
     return split
+
+
+def shuffle_ties(events: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The events with every run of same-user, same-timestamp events in a seeded random order (`order`
+    renumbered): removes an order artefact such as Amazon's ascending-ASIN same-day order, in training and
+    evaluation alike. Events must be sorted by user and time."""
+    _check_sorted(events)
+    rng = np.random.default_rng(seed)
+    key = rng.random(len(events))
+    out = events.assign(_tie=key).sort_values(["user_id", "timestamp", "_tie"], kind="stable")
+    out = out.drop(columns="_tie").reset_index(drop=True)
+    out["order"] = out.groupby("user_id").cumcount().astype(np.float64)
+    return out
+
+
+def same_day_mask(cases: EvalCases, day_seconds: float = 86400.0) -> np.ndarray:
+    """Cases whose target falls on the same (UTC) day as the event right before it: where within-day order
+    decides the answer."""
+    if cases.target_times is None or cases.previous_times is None:
+        return np.zeros(len(cases), dtype=bool)
+    prev = cases.previous_times
+    ok = np.isfinite(prev)
+    out = np.zeros(len(cases), dtype=bool)
+    out[ok] = np.floor(cases.target_times[ok] / day_seconds) == np.floor(prev[ok] / day_seconds)
+    return out
 
 
 def cold_user_mask(cases: EvalCases, train: pd.DataFrame, share: float = 0.2) -> np.ndarray:
@@ -145,9 +198,11 @@ def cold_user_mask(cases: EvalCases, train: pd.DataFrame, share: float = 0.2) ->
     return per_case <= threshold
 
 
-def _add_cold_user_slices(split: Split) -> None:
+def _add_slices(split: Split) -> None:
     split.slices["cold_user"] = cold_user_mask(split.test, split.train)
     split.valid_slices["cold_user"] = cold_user_mask(split.valid, split.train)
+    split.slices["same_day"] = same_day_mask(split.test)
+    split.valid_slices["same_day"] = same_day_mask(split.valid)
 
 
 def cold_item_split(events: pd.DataFrame, frac: float = 0.05, seed: int = 0) -> Split:
@@ -157,7 +212,7 @@ def cold_item_split(events: pd.DataFrame, frac: float = 0.05, seed: int = 0) -> 
     The `cold_item` slice marks test cases whose target is held out; validation keeps only warm targets.
     """
     base = leave_one_out(events)
-    all_items = np.unique(events["item_idx"].to_numpy())
+    all_items = np.unique(events["item_idx"].to_numpy()[positive_mask(events["action"].to_numpy(dtype=object))])
     rng = np.random.default_rng(seed)
     cold = rng.choice(all_items, size=max(1, round(frac * len(all_items))), replace=False)
     is_cold = np.zeros(int(events["item_idx"].max()) + 1, dtype=bool)
@@ -167,6 +222,8 @@ def cold_item_split(events: pd.DataFrame, frac: float = 0.05, seed: int = 0) -> 
     split = Split("cold-item", train, valid, base.test)
     split.slices["cold_item"] = is_cold[base.test.targets]
     split.slices["cold_user"] = cold_user_mask(split.test, train)
+    split.slices["same_day"] = same_day_mask(split.test)
     split.valid_slices["cold_user"] = cold_user_mask(valid, train)
+    split.valid_slices["same_day"] = same_day_mask(valid)
     split.info = {"cold_items": len(cold), "cold_item_test_cases": int(split.slices["cold_item"].sum())}
     return split

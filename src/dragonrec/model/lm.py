@@ -40,7 +40,7 @@ from torch import nn
 
 from dragonrec.data.vocab import ItemVocab
 from dragonrec.model.config import SeqRecConfig
-from dragonrec.schema import ACTIONS, parse_action
+from dragonrec.schema import ACTIONS, parse_action, positive_mask
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -99,9 +99,12 @@ class ItemTokenizer:
     def encode(self, history: np.ndarray, actions: Sequence | None = None, narrative: bool = False,
                max_len: int | None = None) -> list[int]:
         """Token ids of one history, [BOS] first; items without a token are dropped; the oldest events are
-        cut so that at most `max_len` tokens remain."""
+        cut so that at most `max_len` tokens remain. Without narrative (no action tokens to say otherwise),
+        only positive events are written when the actions are known: a scroll-past is not a step of interest."""
         ids = self.item_ids(history)
         keep = ids >= 0
+        if not narrative and actions is not None:
+            keep &= positive_mask(np.asarray(actions, dtype=object))
         items = ids[keep] + ITEM_OFFSET
         if not narrative:
             if max_len is not None:
@@ -136,15 +139,19 @@ class ItemTokenizer:
                 last_action = ACTIONS[t - ACTION_OFFSET].value
         return np.asarray(items, dtype=np.int64), acts
 
-    def target_labels(self, token_ids: Sequence[int], narrative: bool = False) -> list[int]:
+    def target_labels(self, token_ids: Sequence[int], narrative: bool = False,
+                      positive: Sequence[bool] | None = None) -> list[int]:
         """Per position, the model id of the next product (IGNORE where none): position of [BOS] (SASRec
-        mode) or of an item token predicts the following item token."""
+        mode) or of an item token predicts the following item token. `positive[k]` (aligned with the item
+        tokens) False makes item k no target: negative and neutral events are context, never positives."""
         ids = list(token_ids)
         item_pos = [p for p, t in enumerate(ids) if t >= ITEM_OFFSET]
         labels = [IGNORE] * len(ids)
         sources = item_pos[:-1] if narrative else [0, *item_pos[:-1]]
-        for src, dst in zip(sources, item_pos if not narrative else item_pos[1:]):
-            labels[src] = ids[dst] - ITEM_OFFSET
+        dests = range(1, len(item_pos)) if narrative else range(len(item_pos))
+        for src, k in zip(sources, dests):
+            if positive is None or positive[k]:
+                labels[src] = ids[item_pos[k]] - ITEM_OFFSET
         return labels
 
     def to_hf(self):

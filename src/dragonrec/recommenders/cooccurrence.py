@@ -16,8 +16,9 @@ import scipy.sparse as sp
 from pydantic import BaseModel, Field
 
 from dragonrec.data.catalog import Catalog
+from dragonrec.data.stats import item_popularity, positives
 from dragonrec.recommenders.base import Recommender
-from dragonrec.recommenders.popularity import item_popularity
+from dragonrec.schema import positive_mask
 
 
 class CooccurrenceConfig(BaseModel):
@@ -40,6 +41,7 @@ class CooccurrenceRecommender(Recommender):
         self.catalog = catalog
         n = len(catalog)
         cfg = self.cfg
+        train = positives(train)  # items co-occur in interest; a scroll-past links nothing
         items = train["item_idx"].to_numpy(dtype=np.int64)
         users = train["user_id"].to_numpy()
         ts = train["timestamp"].to_numpy(dtype=np.float64)
@@ -77,7 +79,10 @@ class CooccurrenceRecommender(Recommender):
         n = len(self.catalog)
         q_rows, q_cols, q_vals = [], [], []
         for b, h in enumerate(histories):
-            last = np.asarray(h, dtype=np.int64)[::-1][: cfg.last_n]
+            h = np.asarray(h, dtype=np.int64)
+            if actions is not None and actions[b] is not None:
+                h = h[positive_mask(np.asarray(actions[b], dtype=object))]
+            last = h[::-1][: cfg.last_n]
             q_rows.append(np.full(len(last), b))
             q_cols.append(last)
             q_vals.append(cfg.decay ** np.arange(len(last)))

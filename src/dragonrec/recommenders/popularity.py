@@ -1,4 +1,4 @@
-"""Most-popular: every user gets the items most users interacted with in training."""
+"""Most-popular: every user gets the items most users showed interest in (positive events) in training."""
 
 from __future__ import annotations
 
@@ -10,23 +10,13 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from dragonrec.data.catalog import Catalog
+from dragonrec.data.stats import item_popularity
 from dragonrec.recommenders.base import Recommender
 
 
 class PopularityConfig(BaseModel):
     distinct_users: bool = Field(True, description="count each user once per item (else every event counts)")
     half_life_days: float | None = Field(None, description="weight recent events more; None = all equal")
-
-
-def item_popularity(train: pd.DataFrame, n_items: int, distinct_users: bool = True,
-                    half_life_days: float | None = None) -> np.ndarray:
-    """[n_items] popularity counts (optionally time-decayed from the last training event)."""
-    ev = train.drop_duplicates(["user_id", "item_idx"], keep="last") if distinct_users else train
-    weights = None
-    if half_life_days is not None and len(ev):
-        age_days = (ev["timestamp"].max() - ev["timestamp"].to_numpy()) / 86400.0
-        weights = 0.5 ** (age_days / half_life_days)
-    return np.bincount(ev["item_idx"].to_numpy(), weights=weights, minlength=n_items).astype(np.float64)
 
 
 class PopularityRecommender(Recommender):

@@ -3,7 +3,7 @@
     model = SequentialRecommender().fit(split.train, catalog, valid=split.valid)   # early stops on valid
     scores = model.score(histories)                                             # [B, len(catalog)]
 
-Both train a small `SeqRecLM` (transformers Llama) with `dragonrec.train.sft`. `generative` adds each
+Both train a small `SeqRecLM` (transformers Llama) with `dragonrec.model.trainer`. `generative` adds each
 item's text embedding (all-MiniLM-L6-v2 via `dragonrec.embed`) to its token vector through a learned
 projection, so catalog items never seen in training get a score and can be recommended.
 """
@@ -22,8 +22,8 @@ import torch
 from dragonrec.data.catalog import Catalog
 from dragonrec.model.config import SeqRecConfig
 from dragonrec.model.lm import ItemTokenizer, SeqRecLM, pad_batch
+from dragonrec.model.trainer import SFTConfig, TrainResult, train_sft
 from dragonrec.recommenders.base import Recommender, check_train_events
-from dragonrec.train.sft import SFTConfig, TrainResult, train_sft
 
 
 class SequentialConfig(SeqRecConfig, SFTConfig):

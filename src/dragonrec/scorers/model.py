@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
-from dragonrec.recommenders.base import Recommender
 from dragonrec.scorers.base import Scorer, ScoreRequest, ScoreResult, Usage
+
+
+class ScoresCatalog(Protocol):
+    """What a model scorer needs of a model: any fitted dragonrec Recommender has it."""
+
+    name: str
+
+    def score(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None) -> np.ndarray: ...
 
 
 class ModelScorer(Scorer):
     """Scores candidates by a fitted Recommender (e.g. co-occurrence now, the generative model's likelihoods
     later). Histories go in as catalog indices with their actions; one `score()` call per batch."""
 
-    def __init__(self, model: Recommender):
+    def __init__(self, model: ScoresCatalog):
         self.model = model
         self.name = f"model:{model.name}"
 

@@ -1,5 +1,6 @@
-"""Training methods for the sequence model; one module per method (sft.py: supervised next-item)."""
+"""Training jobs: one file per method (`sft.py`; DPO and PPO follow). The optimisation loop of the sequence
+model lives below, in `dragonrec.model.trainer`, so that recommenders can fit without importing this package."""
 
-from dragonrec.train.sft import SFTConfig, TrainResult, encode_sequences, train_sft
+from dragonrec.train.sft import run_sft
 
-__all__ = ["SFTConfig", "TrainResult", "encode_sequences", "train_sft"]
+__all__ = ["run_sft"]

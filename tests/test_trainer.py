@@ -11,7 +11,7 @@ from dragonrec.data.splits import EvalCases
 from dragonrec.model import ItemTokenizer, SeqRecConfig, SeqRecLM
 from dragonrec.model.lm import pad_batch
 from dragonrec.recommenders.sequential import GenerativeRecommender, SequentialConfig, SequentialRecommender
-from dragonrec.train import SFTConfig, encode_sequences, train_sft
+from dragonrec.model.trainer import SFTConfig, encode_sequences, train_sft
 
 N_ITEMS = 15
 
