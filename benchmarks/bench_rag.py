@@ -119,7 +119,7 @@ def main() -> None:
     t = time.perf_counter()
     res = evaluate_split(rag, split)
     runs["rag_retrieval_only"] = {"k": rag.cfg.k, "valid": brief(res["valid"]), "test": brief(res["test"]),
-                                  "test_cold_user": brief({"metrics": res["test"]["cold_user"]}),
+                                  "test_cold_user": brief({"metrics": res["test"]["slices"]["cold_user"]}),
                                   "beyond": res["test"]["beyond"], "seconds": round(time.perf_counter() - t, 1)}
     print("rag_retrieval_only", runs["rag_retrieval_only"])
     bases = {"popularity": PopularityRecommender().fit(split.train, ds.catalog),
@@ -144,7 +144,7 @@ def main() -> None:
         res = evaluate_split(r, split)
         runs[f"rag+{name}_scorer"] = {"k": k_best, "valid_by_k": by_k, "valid": brief(res["valid"]),
                                       "test": brief(res["test"]),
-                                      "test_cold_user": brief({"metrics": res["test"]["cold_user"]}),
+                                      "test_cold_user": brief({"metrics": res["test"]["slices"]["cold_user"]}),
                                       "seconds": round(time.perf_counter() - t, 1)}
         print(f"rag+{name}_scorer", runs[f"rag+{name}_scorer"])
     report["runs"] = runs

@@ -49,9 +49,9 @@ def parse_sets(pairs: list[str]) -> dict:
 def summarize(res: dict) -> dict:
     keep = ("ndcg@10", "hr@10", "ndcg@5", "hr@5", "cases")
     out = {"excluded": {k: res["metrics"][k] for k in keep}, "kept": {k: res["keep_history"][k] for k in keep}}
-    for name in ("cold_item", "cold_user"):
-        if name in res:
-            out[name] = {k: res[name][k] for k in keep}
+    for name in ("cold_item", "cold_user", "same_day"):
+        if name in res["slices"]:
+            out[name] = {k: res["slices"][name][k] for k in keep}
     return out
 
 

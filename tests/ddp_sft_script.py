@@ -18,8 +18,8 @@ from conftest import chain_events, chain_items  # the script's own directory (te
 from dragonrec.data import leave_one_out, load_dataset
 from dragonrec.model.config import SeqRecConfig
 from dragonrec.model.lm import ItemTokenizer, SeqRecLM
-from dragonrec.recommenders.sequential import user_sequences
 from dragonrec.model.trainer import SFTConfig, train_sft
+from dragonrec.recommenders.sequential import user_sequences
 
 
 def main(out: Path) -> None:

@@ -59,12 +59,43 @@ def test_train_sft_saves_registers_and_evaluates_the_model(chain_dir, tmp_path):
 
     active = Registry(registry).active()
     assert active.version == "v0001" and active.info.method == "sft"
-    assert active.info.metrics["test_ndcg@10"] == report["test"]["ndcg@10"]
+    assert active.info.metrics["valid_ndcg@10"] == report["valid"]["ndcg@10"]
+    assert not any(k.startswith("test") for k in active.info.metrics)  # test numbers live in reports only
     assert active.info.data_window.n_events == report["split"]["train_events"] > 0
+    assert (active.path / "provenance.json").exists() and (active.path / "trained_events.npy").exists()
     again = runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--model", str(active.path),
                                 "--output", str(tmp_path / "e.json")])
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "e.json").read_text())["test"] == report["test"]  # the saved model, not a refit
+    # another split of the same data holds out events the model trained on: refused, with the reason
+    other = runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--model", str(active.path), "--split", "time"])
+    assert other.exit_code != 0
+    assert "was trained on" in str(other.exception) and "test targets" in str(other.exception)
+
+
+def test_train_sft_refuses_to_resume_checkpoints_of_another_split(chain_dir, tmp_path):
+    tiny = ["--set", "hidden_size=16", "--set", "num_layers=1", "--set", "max_epochs=2", "--set", "eval_every=1",
+            "--set", "max_minutes=null", "--set", "refit_with_valid=false", "--quiet"]
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["train", "sft", "--data", str(chain_dir), "--out", str(out), "--recommender",
+                                "sasrec", *tiny])
+    assert first.exit_code == 0, first.output
+    assert (out / "checkpoints" / "provenance.json").exists()
+    second = runner.invoke(app, ["train", "sft", "--data", str(chain_dir), "--out", str(out), "--recommender",
+                                 "sasrec", "--ties", "shuffle", *tiny])
+    assert second.exit_code != 0
+    assert "checkpoints of another run" in str(second.exception) and "ties" in str(second.exception)
+
+
+def test_train_sft_logs_plain_lines_when_not_a_terminal(chain_dir, tmp_path, capfd):
+    from dragonrec.train.sft import run_sft
+
+    run_sft(chain_dir, tmp_path / "run", recommender="sasrec",
+            overrides={"hidden_size": 16, "num_layers": 1, "max_epochs": 2, "eval_every": 1, "max_minutes": None})
+    err = capfd.readouterr().err
+    assert "sft epoch 1/2 loss" in err and "valid ndcg@10" in err
+    assert "sft refit epoch" in err and "no held-out validation (refit" in err
+    assert "0.0000 (best" not in err.split("sft refit")[1]  # a refit never pretends to have a validation metric
 
 
 def test_demo_without_training(chain_dir, tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ from dragonrec.data import leave_one_out
 from dragonrec.data.splits import EvalCases
 from dragonrec.model import ItemTokenizer, SeqRecConfig, SeqRecLM
 from dragonrec.model.lm import pad_batch
-from dragonrec.recommenders.sequential import GenerativeRecommender, SequentialConfig, SequentialRecommender
 from dragonrec.model.trainer import SFTConfig, encode_sequences, train_sft
+from dragonrec.recommenders.sequential import GenerativeRecommender, SequentialConfig, SequentialRecommender
 
 N_ITEMS = 15
 

@@ -15,6 +15,12 @@ app = typer.Typer(help="dragonrec: train, evaluate and serve a language-model pr
 console = Console(stderr=True)
 
 SPLITS = ("loo", "time", "cold-item")
+TIES = ("keep", "shuffle")
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def _parse_overrides(pairs: list[str] | None) -> dict:
@@ -39,9 +45,11 @@ def _metrics_table(title: str, report: dict) -> Table:
     for name in ("valid", "test"):
         rows = [(name, report[name])]
         rows.append((f"{name} (history kept)", report[f"{name}_keep_history"]))
-        rows += [(f"{name} {s}", m) for s, m in report[f"{name}_slices"].items()]
+        rows += [(f"{name} {s}", m) for s, m in report[f"{name}_slices"].items() if m["cases"]]
         for label, m in rows:
             table.add_row(label, *[str(m[k]) if k == "cases" else f"{m[k]:.4f}" for k in keys])
+    for note in report.get("notes", []):
+        table.caption = ((table.caption + "\n") if table.caption else "") + f"note: {note}"
     return table
 
 
@@ -56,10 +64,14 @@ def evaluate(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: --set window=3")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="skip and count malformed rows instead of failing")] = False,
     seed: Annotated[int, typer.Option(help="seed for splits and models")] = 0,
+    ties: Annotated[str, typer.Option(help="keep the file's order of same-timestamp events, or shuffle it with "
+                                      "the seed (training and evaluation alike)")] = "keep",
+    quiet: Annotated[bool, typer.Option(help="no progress or log lines, only the result table")] = False,
 ) -> None:
-    """Train (or load) a recommender and evaluate it by full ranking on validation and test.
+    """Train (or load) a recommender and evaluate it by full ranking on validation and test. A saved model
+    (--model) is refused on a split whose test targets it may have trained on.
 
-    Example: dragonrec evaluate --data ../shared/data/amazon-beauty --recommender cooccurrence --output co.json
+    Example: dragonrec evaluate --data ../shared/data/amazon-beauty --recommender cooccurrence --ties shuffle
     """
     from dragonrec.evaluate.experiment import run_evaluation
 
@@ -67,8 +79,10 @@ def evaluate(
         raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
     if recommender is None and model is None:
         recommender = "popularity"
+    _check_choice("--ties", ties, TIES)
     report = run_evaluation(data, recommender, model_dir=model, split=split, overrides=_parse_overrides(set_),
-                            on_error="skip" if skip_bad_rows else "raise", seed=seed, console=console)
+                            on_error="skip" if skip_bad_rows else "raise", seed=seed, ties=ties, console=console,
+                            quiet=quiet)
     Console(width=160).print(_metrics_table(f"{report['recommender']} on {report['dataset']['name']} ({split})", report))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +103,8 @@ def train_sft(
     split: Annotated[str, typer.Option(help="loo, time or cold-item")] = "loo",
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a config field: --set hidden_size=128")] = None,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
+    ties: Annotated[str, typer.Option(help="keep or shuffle the order of same-timestamp events")] = "keep",
+    quiet: Annotated[bool, typer.Option(help="no progress or log lines, only the result table")] = False,
 ) -> None:
     """Supervised fine-tuning on session narratives: train, early-stop on validation NDCG@10, save, evaluate,
     and (with --registry) register the version with its metrics and data window and make it active.
@@ -100,8 +116,9 @@ def train_sft(
 
     if split not in SPLITS:
         raise typer.BadParameter(f"--split must be one of {', '.join(SPLITS)}")
+    _check_choice("--ties", ties, TIES)
     report = run_sft(data, out, recommender=recommender, overrides=_parse_overrides(set_), split=split,
-                     registry=registry, seed=seed, console=console)
+                     registry=registry, seed=seed, ties=ties, console=console, quiet=quiet)
     Console(width=160).print(_metrics_table(f"{recommender} on {report['dataset']['name']} ({split})", report))
     console.print(f"model in {out / 'model'}" + (f"; registered as {report['version']}" if registry else ""))
 

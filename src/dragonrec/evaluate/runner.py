@@ -19,6 +19,7 @@ from dragonrec.evaluate.metrics import (
     target_ranks,
 )
 from dragonrec.recommenders.base import Recommender
+from dragonrec.schema import positive_mask
 
 KS = (5, 10, 20)
 
@@ -39,11 +40,16 @@ def evaluate_cases(model: Recommender, cases: EvalCases, *, train: pd.DataFrame 
                    progress: Callable[[int, int], None] | None = None) -> dict:
     """Rank the whole catalog for every case; metrics with history items excluded (the default) and kept.
 
-    Returns {"metrics": {...}, "keep_history": {...}, "<slice>": {...}, "beyond": {...}, "seconds": ...}.
+    Returns {"metrics": {...}, "keep_history": {...}, "slices": {name: {...}}, "beyond": {...}, "seconds": ...},
+    plus "degradation" ({requests, degraded, reasons}) for a model with a fallible scorer (`stats()`).
     Beyond-accuracy metrics are computed on the top-n lists with history excluded.
     """
     t0 = time.perf_counter()
     n_items = len(model.catalog)
+    if cases.target_actions is not None and len(cases) and not positive_mask(cases.target_actions).all():
+        raise ValueError("evaluation targets must be positive events (see dragonrec.schema.ACTION_MEANING)")
+    if hasattr(model, "reset_stats"):
+        model.reset_stats()
     ranks_ex, ranks_keep, lists = [], [], []
     for start in range(0, len(cases), batch_size):
         hist = cases.histories[start:start + batch_size]
@@ -64,9 +70,11 @@ def evaluate_cases(model: Recommender, cases: EvalCases, *, train: pd.DataFrame 
             progress(min(start + batch_size, len(cases)), len(cases))
     ranks_ex = np.concatenate(ranks_ex) if ranks_ex else np.zeros(0, np.int64)
     ranks_keep = np.concatenate(ranks_keep) if ranks_keep else np.zeros(0, np.int64)
-    result = {"metrics": ranking_metrics(ranks_ex, ks), "keep_history": ranking_metrics(ranks_keep, ks)}
-    for name, mask in (slices or {}).items():
-        result[name] = ranking_metrics(ranks_ex[np.asarray(mask, dtype=bool)], ks)
+    result = {"metrics": ranking_metrics(ranks_ex, ks), "keep_history": ranking_metrics(ranks_keep, ks),
+              "slices": {name: ranking_metrics(ranks_ex[np.asarray(mask, dtype=bool)], ks)
+                         for name, mask in (slices or {}).items()}}
+    if hasattr(model, "stats"):
+        result["degradation"] = model.stats()
     beyond = {f"coverage@{n}": catalog_coverage(lists, n_items),
               f"ild_category@{n}": intra_list_diversity(lists, categories=model.catalog.categories)}
     if embeddings is not None:

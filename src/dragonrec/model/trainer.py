@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dragonrec.data.provenance import PROVENANCE, ProvenanceError
 from dragonrec.model.lm import IGNORE, ItemTokenizer, SeqRecLM, pad_batch
 from dragonrec.schema import positive_mask
+
+RESUME_KEYS = ("dataset_sha256", "split", "ties", "seed")
 
 
 class SFTConfig(BaseModel):
@@ -48,7 +52,9 @@ class SFTConfig(BaseModel):
     cpu: bool = False  # force CPU even when CUDA is present
     checkpoint_dir: str | None = None  # where last/ and best/ go (None = keep the best weights in memory only)
     resume: bool = True  # continue from checkpoint_dir/last when it exists
-    progress: bool = True  # show a rich progress bar
+    progress: bool = True  # a live bar on a terminal (plain per-epoch log lines are written when not one)
+    quiet: bool = False  # no bar and no log lines
+    label: str = "sft"  # how log lines name this run ("sft", "sft refit", ...)
 
 
 @dataclass
@@ -161,8 +167,25 @@ class ValidationSet:
         return {f"ndcg@{k}": ndcg / max(self.n, 1), f"hr@{k}": hr / max(self.n, 1)}
 
 
+def check_resume(ckpt: Path, provenance: dict | None) -> None:
+    """Refuse to resume checkpoints made on other data, another split, other ties or another seed: the
+    resumed model would have trained on what this run holds out."""
+    if provenance is None:
+        return
+    path = ckpt / PROVENANCE
+    if not path.exists():
+        raise ProvenanceError(f"{ckpt} holds checkpoints that record no provenance: they may have been trained "
+                              "on this split's test targets; delete them or choose another output directory")
+    stored = json.loads(path.read_text())
+    diff = [k for k in RESUME_KEYS if stored.get(k) != provenance.get(k)]
+    if diff:
+        what = ", ".join(f"{k}: {stored.get(k)!r} there, {provenance.get(k)!r} now" for k in diff)
+        raise ProvenanceError(f"{ckpt} holds checkpoints of another run ({what}); resuming would train on data "
+                              "this run holds out. Delete them or choose another output directory.")
+
+
 def train_sft(model: SeqRecLM, tokenizer: ItemTokenizer, sequences: Sequence[tuple[np.ndarray, np.ndarray | None]],
-              valid=None, cfg: SFTConfig | None = None) -> TrainResult:
+              valid=None, cfg: SFTConfig | None = None, provenance: dict | None = None) -> TrainResult:
     """Train `model` in place on next-item prediction; it ends holding the best validation weights.
 
     sequences: per user (catalog indices, action names or None), oldest first. valid: EvalCases or None
@@ -201,9 +224,13 @@ def train_sft(model: SeqRecLM, tokenizer: ItemTokenizer, sequences: Sequence[tup
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     state = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
     if ckpt is not None and cfg.resume and (ckpt / "last" / "trainer.json").exists():
+        check_resume(ckpt, provenance)
         acc.load_state(str(ckpt / "last"))
         state = json.loads((ckpt / "last" / "trainer.json").read_text())
         acc.print(f"resumed from {ckpt / 'last'} at epoch {state['epoch']}")
+    if ckpt is not None and provenance is not None and acc.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / PROVENANCE).write_text(json.dumps(provenance, indent=2))  # every checkpoint below says its data
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if ckpt is not None and (ckpt / "best" / "seqrec.json").exists() and state["epoch"] > 0:
         best_state = {k: v.detach().clone() for k, v in SeqRecLM.from_pretrained(ckpt / "best").state_dict().items()}
@@ -211,12 +238,24 @@ def train_sft(model: SeqRecLM, tokenizer: ItemTokenizer, sequences: Sequence[tup
     rng = np.random.default_rng(cfg.seed + 1000 * state["epoch"])
     t_train = t_eval = 0.0
     res.stopped = "max_epochs"
-    progress = Progress(TextColumn("[bold]sft[/] epoch {task.fields[epoch]}"), BarColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f} valid ndcg@10 {task.fields[ndcg]:.4f}"),
-                        TimeElapsedColumn(), disable=not (cfg.progress and acc.is_local_main_process))
+    show_bar = cfg.progress and not cfg.quiet and acc.is_local_main_process and sys.stderr.isatty()
+    progress = Progress(TextColumn(f"[bold]{cfg.label}[/] epoch {{task.fields[epoch]}}"), BarColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f} {task.fields[valid]}"),
+                        TimeElapsedColumn(), disable=not show_bar)
+    no_valid = ("no held-out validation (refit on the validation targets)" if "refit" in cfg.label
+                else "no validation set")
+
+    def valid_text(entry: dict | None = None) -> str:
+        if vset is None:
+            return no_valid
+        if entry is not None and "ndcg@10" in entry:
+            return f"valid ndcg@10 {entry['ndcg@10']:.4f} hr@10 {entry['hr@10']:.4f} (best {state['best_ndcg']:.4f})"
+        best = f" (best {state['best_ndcg']:.4f})" if state["best_ndcg"] >= 0 else ""
+        return f"valid not evaluated this epoch (every {cfg.eval_every}){best}"
+
     with progress:
         task = progress.add_task("train", total=cfg.max_epochs, completed=state["epoch"], epoch=state["epoch"],
-                                 loss=float("nan"), ndcg=max(state["best_ndcg"], 0.0))
+                                 loss=float("nan"), valid=valid_text())
         for epoch in range(state["epoch"] + 1, cfg.max_epochs + 1):
             t0 = time.perf_counter()
             wrapped.train()
@@ -255,10 +294,10 @@ def train_sft(model: SeqRecLM, tokenizer: ItemTokenizer, sequences: Sequence[tup
                 else:
                     state["bad_evals"] += 1
             state["history"].append(entry)
-            if "ndcg@10" in entry and not (cfg.progress and acc.is_local_main_process):
-                acc.print(f"epoch {epoch} loss {entry['loss']:.4f} valid ndcg@10 {entry['ndcg@10']:.4f} "
-                          f"hr@10 {entry['hr@10']:.4f} ({entry['elapsed_s']:.0f}s)", flush=True)
-            progress.update(task, completed=epoch, epoch=epoch, loss=entry["loss"], ndcg=max(state["best_ndcg"], 0.0))
+            if not show_bar and not cfg.quiet and acc.is_local_main_process:
+                print(f"{time.strftime('%H:%M:%S')} {cfg.label} epoch {epoch}/{cfg.max_epochs} loss {entry['loss']:.4f} "
+                      f"{valid_text(entry)} {entry['elapsed_s']:.0f}s", file=sys.stderr, flush=True)
+            progress.update(task, completed=epoch, epoch=epoch, loss=entry["loss"], valid=valid_text(entry))
             if ckpt is not None:
                 acc.save_state(str(ckpt / "last"))
                 if acc.is_main_process:

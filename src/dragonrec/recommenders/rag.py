@@ -33,7 +33,7 @@ from dragonrec.data.catalog import Catalog
 from dragonrec.embed import Embedder, default_embedder, embed_catalog, embed_texts
 from dragonrec.index import IndexConfig, VectorIndex
 from dragonrec.recommenders.base import Recommender, _exclusions
-from dragonrec.scorers.base import ItemView, Scorer, ScoreRequest, ScoreResult, Usage
+from dragonrec.scorers.base import ItemView, Scorer, ScoreRequest, ScoreResult, ScorerStats, Usage
 from dragonrec.text import TextTemplate, catalog_texts
 
 # Candidates are placed above every non-candidate: retrieval similarities are cosines in [-1, 1] and the
@@ -104,6 +104,14 @@ class RAGRecommender(Recommender):
         self.scorer = scorer  # None = retrieval order alone
         self.embedder = embedder
         self.last_usage = Usage()  # accumulated over the latest score() call
+        self.scorer_stats = ScorerStats()  # requests answered / fallen back to retrieval order since reset_stats()
+
+    def reset_stats(self) -> None:
+        self.scorer_stats = ScorerStats()
+
+    def stats(self) -> dict:
+        """What the evaluation report prints: requests scored, how many degraded, and why."""
+        return {"scorer": getattr(self.scorer, "name", "none"), **self.scorer_stats.to_dict()}
 
     # -- fitting ------------------------------------------------------------------------------------------
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None, item_vectors: np.ndarray | None = None) -> Self:
@@ -264,6 +272,8 @@ class RAGRecommender(Recommender):
         if len(results) != len(requests) or any(len(res.scores) != len(r.candidates)
                                                 for res, r in zip(results, requests)):
             raise RuntimeError(f"scorer {self.scorer.name} answered a different number of requests or candidates")
+        for res in results:
+            self.scorer_stats.add(res)
         return results
 
     def save(self, path: Path) -> None:

@@ -81,6 +81,7 @@ class SequentialRecommender(Recommender):
         self.tokenizer: ItemTokenizer | None = None
         self.result: TrainResult | None = None
         self._merged = None  # the HF model generate() runs, built on first use
+        self.provenance: dict | None = None  # what the data is (checkpoints record it; resume checks it)
 
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
         check_train_events(train)
@@ -96,7 +97,8 @@ class SequentialRecommender(Recommender):
         torch.manual_seed(cfg.seed)
         self.model = SeqRecLM(cfg.model_part(), self.tokenizer.n_items, self.tokenizer.n_trained, text_emb=text)
         self._merged = None
-        self.result = train_sft(self.model, self.tokenizer, user_sequences(train), valid=valid, cfg=cfg.train_part())
+        self.result = train_sft(self.model, self.tokenizer, user_sequences(train), valid=valid, cfg=cfg.train_part(),
+                                provenance=self.provenance)
         self.model.to("cpu").eval()
         if cfg.refit_with_valid and valid is not None and len(valid):
             self.refit(train, catalog, valid)
@@ -111,9 +113,12 @@ class SequentialRecommender(Recommender):
         both = both.sort_values("user_id", kind="stable").reset_index(drop=True)
         ckpt = self.cfg.checkpoint_dir and str(Path(self.cfg.checkpoint_dir) / "refit")
         cfg2 = self.cfg.model_copy(update={"max_epochs": max(self.result.best_epoch, 1), "max_minutes": None,
-                                           "refit_with_valid": False, "checkpoint_dir": ckpt})
+                                           "refit_with_valid": False, "checkpoint_dir": ckpt,
+                                           "label": f"{self.cfg.label} refit"})
         first = self.result
-        refit = type(self)(cfg2).fit(both, catalog)
+        refit = type(self)(cfg2)
+        refit.provenance = self.provenance
+        refit.fit(both, catalog)
         self.model, self.tokenizer, self.result = refit.model, refit.tokenizer, refit.result
         self._merged = None
         self.result.history = [*first.history, *self.result.history]

@@ -77,6 +77,27 @@ class ScoreResult:
         return np.lexsort((np.arange(n), r, -s))
 
 
+@dataclass
+class ScorerStats:
+    """How many requests a scorer answered and how many fell back to retrieval order, by reason."""
+
+    requests: int = 0
+    degraded: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # reason (first 120 characters) -> requests
+
+    def add(self, result: ScoreResult) -> None:
+        self.requests += 1
+        if result.degraded:
+            self.degraded += 1
+            reason = (result.degraded_reason or "unknown")[:120]
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "degraded": self.degraded,
+                "degraded_share": self.degraded / self.requests if self.requests else 0.0,
+                "reasons": dict(sorted(self.reasons.items(), key=lambda kv: -kv[1])[:10])}
+
+
 class Scorer(ABC):
     """Scores candidates for users. Subclasses implement `score`; `score_batch` may run requests concurrently."""
 
