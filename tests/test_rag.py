@@ -163,3 +163,46 @@ def test_catalog_update_embeds_only_changes_and_new_items_are_found(fitted):
     rebuilt = RAGRecommender(RAGConfig(k=3), embedder=HashEmbedder()).fit(tiny_events(cat), new_cat)
     h = [np.array([new_cat.index_of("hair1")])]
     np.testing.assert_array_equal(np.argsort(-rag.score(h)[0])[:3], np.argsort(-rebuilt.score(h)[0])[:3])
+
+
+class _FlakyScorer(Scorer):
+    """Answers every other request with a reversed order; fails the rest (a timeout, say)."""
+
+    name = "flaky"
+
+    def __init__(self, fail_all: bool = False):
+        self.calls, self.fail_all = 0, fail_all
+
+    def score(self, request):
+        self.calls += 1
+        n = len(request.candidates)
+        if self.fail_all or self.calls % 2 == 0:
+            return ScoreResult.fallback(n, "flaky timed out after 30s")
+        return ScoreResult(np.arange(n, dtype=np.float32), ["reversed"] * n)
+
+
+def _write_tiny(tmp_path):
+    cat = tiny_catalog()
+    d = tmp_path / "tiny"
+    d.mkdir()
+    cat.items.to_parquet(d / "items.parquet")
+    tiny_events(cat).drop(columns="item_idx").to_parquet(d / "interactions.parquet")
+    return d
+
+
+@pytest.mark.parametrize("fail_all", [False, True])
+def test_a_failing_scorer_shows_in_the_report(tmp_path, fail_all):
+    from dragonrec.evaluate.experiment import run_evaluation
+
+    rag = RAGRecommender(RAGConfig(k=3), scorer=_FlakyScorer(fail_all), embedder=HashEmbedder())
+    report = run_evaluation(_write_tiny(tmp_path), None, model=rag, quiet=True)
+    deg = report["test_degradation"]
+    assert deg["scorer"] == "flaky" and deg["requests"] == report["test"]["cases"] > 0
+    assert deg["reasons"] == {"flaky timed out after 30s": deg["degraded"]}
+    if fail_all:
+        assert deg["degraded"] == deg["requests"]
+        assert "fully degraded" in report["recommender"]  # never reported as the scorer's result
+        assert any("retrieval-order numbers" in n for n in report["notes"])
+    else:
+        assert deg["degraded"] == deg["requests"] // 2
+        assert any(f"{deg['degraded']} of {deg['requests']} requests fell back" in n for n in report["notes"])
