@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from dragonrec.data.catalog import Catalog
+from dragonrec.progress import progress_bar
 from dragonrec.text import TextTemplate, catalog_texts
 
 MINILM_NAME = "all-MiniLM-L6-v2"
@@ -235,19 +236,28 @@ def embed_texts(texts: Sequence[str], embedder: Embedder | None = None, cache_di
     if todo:
         new_keys = list(todo)
         fresh: dict[bytes, np.ndarray] = {}
-        for start in range(0, len(new_keys), batch_size):
-            chunk = new_keys[start:start + batch_size]
-            vecs = np.asarray(embedder.encode([todo[k] for k in chunk]), dtype=np.float32)
-            if vecs.shape != (len(chunk), embedder.dim):
-                raise ValueError(f"{embedder.name} returned {vecs.shape}, expected {(len(chunk), embedder.dim)}")
-            vecs = normalize(vecs)
-            if cache is not None:
-                cache.put(chunk, vecs)  # per batch: a long run that is interrupted keeps what it did
-            fresh.update(zip(chunk, vecs))
+        with progress_bar(quiet=len(new_keys) <= batch_size) as b:  # one batch is quick: say nothing
+            task = b.task(f"embedding {len(new_keys)} texts with {embedder.name} "
+                          f"({len(texts) - sum(v is None for v in found)} cached)", total=len(new_keys))
+            _embed_new(new_keys, todo, embedder, batch_size, cache, fresh, task)
         for i, k in enumerate(keys):
             if k in fresh:
                 out[i] = fresh[k]
     return out
+
+
+def _embed_new(new_keys, todo, embedder, batch_size, cache, fresh, task) -> None:
+    """Embed the texts of `new_keys` batch by batch into `fresh` (and the cache), reporting progress."""
+    for start in range(0, len(new_keys), batch_size):
+        chunk = new_keys[start:start + batch_size]
+        vecs = np.asarray(embedder.encode([todo[k] for k in chunk]), dtype=np.float32)
+        if vecs.shape != (len(chunk), embedder.dim):
+            raise ValueError(f"{embedder.name} returned {vecs.shape}, expected {(len(chunk), embedder.dim)}")
+        vecs = normalize(vecs)
+        if cache is not None:
+            cache.put(chunk, vecs)  # per batch: a long run that is interrupted keeps what it did
+        fresh.update(zip(chunk, vecs))
+        task.update(min(start + batch_size, len(new_keys)))
 
 
 def embed_catalog(catalog: Catalog, cache_dir: str | Path | None = None,

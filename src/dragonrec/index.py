@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Literal
 import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+
+from dragonrec.progress import log
 
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 META_FILE = "meta.json"
@@ -110,7 +113,10 @@ class VectorIndex:
             inner.cp.seed = cfg.seed
             sample = min(n, nlist * cfg.train_per_cell)
             rows = np.random.default_rng(cfg.seed).choice(n, size=sample, replace=False) if sample < n else slice(None)
+            t0 = time.perf_counter()
             inner.train(vectors[rows])
+            log(None, f"index: trained IVF with {nlist} cells on {sample} vectors ({time.perf_counter() - t0:.1f}s)",
+                quiet=n < 100_000)
             inner.nprobe = cfg.nprobe
             # IVF keeps ids itself; an IndexIDMap around it mislabels vectors after remove_ids (it assumes
             # the inner index renumbers like a flat one). The hash-table direct map allows reconstruct.
@@ -122,7 +128,10 @@ class VectorIndex:
         else:
             raise ValueError(f"unknown index kind {kind!r} (flat, ivf, hnsw or auto)")
         index = inner if kind == "ivf" else faiss.IndexIDMap2(inner)
+        t0 = time.perf_counter()
         index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
+        log(None, f"index: {kind} over {n} vectors of dim {dim} built in {time.perf_counter() - t0:.1f}s",
+            quiet=n < 100_000)  # small catalogs build in well under a second
         return cls(index, kind, dim, model, list(item_ids), cfg)
 
     def add(self, vectors: np.ndarray, item_ids: Sequence[str]) -> np.ndarray:
