@@ -198,11 +198,23 @@ def test_a_failing_scorer_shows_in_the_report(tmp_path, fail_all):
     report = run_evaluation(_write_tiny(tmp_path), None, model=rag, quiet=True)
     deg = report["test_degradation"]
     assert deg["scorer"] == "flaky" and deg["requests"] == report["test"]["cases"] > 0
-    assert deg["reasons"] == {"flaky timed out after 30s": deg["degraded"]}
+    assert deg["degraded_reasons"] == {"flaky timed out after 30s": deg["degraded"]}
     if fail_all:
         assert deg["degraded"] == deg["requests"]
         assert "fully degraded" in report["recommender"]  # never reported as the scorer's result
         assert any("retrieval-order numbers" in n for n in report["notes"])
     else:
         assert deg["degraded"] == deg["requests"] // 2
-        assert any(f"{deg['degraded']} of {deg['requests']} requests fell back" in n for n in report["notes"])
+        assert any(f"{deg['degraded']} of {deg['requests']} scored requests fell back" in n for n in report["notes"])
+
+
+def test_a_failing_scorer_shows_in_the_pipeline_report(tmp_path):
+    from dragonrec.evaluate.experiment import run_evaluation
+    from dragonrec.pipeline import Pipeline, PipelineConfig
+
+    pipe = Pipeline(PipelineConfig.rag(k=3), scorer=_FlakyScorer(), embedder=HashEmbedder())
+    report = run_evaluation(_write_tiny(tmp_path), None, model=pipe, quiet=True)
+    deg = report["test_degradation"]
+    assert deg["scored"] > 0 and deg["degraded"] == deg["scored"] // 2
+    assert deg["degraded_reasons"] == {"flaky timed out after 30s": deg["degraded"]}
+    assert any("scored requests fell back to retrieval order" in n for n in report["notes"])

@@ -25,6 +25,10 @@ CONTRACT: dict[str, tuple[dict, bool]] = {
     "generative": (TINY_SEQ, True),
     # K covers the tiny catalog, so the scorer (co-occurrence) decides the order.
     "rag": ({"k": 12, "scorer": "model:cooccurrence"}, True),
+    # The pipeline: a union of candidate sources scored by co-occurrence, non-candidates in its order.
+    "pipeline": ({"sources": {"cooccurrence": 6, "popularity": 3}, "model": "cooccurrence", "scorer": "model",
+                  "rest": "cooccurrence", "overrides": {"cooccurrence": {"window": 1, "last_n": 1},
+                                                        "model": {"window": 1, "last_n": 1}}}, True),
 }
 
 

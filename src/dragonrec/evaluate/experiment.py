@@ -134,12 +134,14 @@ def run_evaluation(data: Path | str, recommender: str | None, *, model_dir: Path
         report[f"{name}_beyond"] = res["beyond"]
         if "degradation" in res:
             report[f"{name}_degradation"] = deg = res["degradation"]
-            if deg["requests"] and deg["degraded"] == deg["requests"]:
+            scored = deg.get("scored", deg["requests"])
+            if scored and deg["degraded"] == scored:
                 report["recommender"] = f"{recommender} (fully degraded: every request fell back to retrieval order)"
-                notes.append(f"{name}: the scorer failed on every request ({deg['reasons']}); these are "
+                notes.append(f"{name}: the scorer failed on every request ({deg['degraded_reasons']}); these are "
                              "retrieval-order numbers, not the scorer's")
             elif deg["degraded"]:
-                notes.append(f"{name}: {deg['degraded']} of {deg['requests']} requests fell back to retrieval order")
+                notes.append(f"{name}: {deg['degraded']} of {scored} scored requests fell back to retrieval order "
+                             f"({deg['degraded_reasons']})")
     if notes:
         report["notes"] = notes
     return report

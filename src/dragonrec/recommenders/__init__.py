@@ -19,6 +19,9 @@ RECOMMENDERS: dict[str, str] = {
     "generative": "dragonrec.recommenders.sequential:GenerativeRecommender",
     "rag": "dragonrec.recommenders.rag:RAGRecommender",
     "pretrained-lm": "dragonrec.model.pretrained:PretrainedLMRecommender",
+    # The pipeline composes the models above (candidate sources -> scorer -> re-rank); it lives a layer up and
+    # is named here, lazily, so that `evaluate --recommender pipeline` builds it like any model.
+    "pipeline": "dragonrec.pipeline:Pipeline",
 }
 
 

@@ -93,9 +93,9 @@ class ScorerStats:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def to_dict(self) -> dict:
-        return {"requests": self.requests, "degraded": self.degraded,
+        return {"requests": self.requests, "scored": self.requests, "degraded": self.degraded,
                 "degraded_share": self.degraded / self.requests if self.requests else 0.0,
-                "reasons": dict(sorted(self.reasons.items(), key=lambda kv: -kv[1])[:10])}
+                "degraded_reasons": dict(sorted(self.reasons.items(), key=lambda kv: -kv[1])[:10])}
 
 
 class Scorer(ABC):

@@ -1,0 +1,279 @@
+"""Candidate sources behind one interface (dense retrieval, any model's own top-K, popularity) and their union.
+
+    dense = DenseSource(DenseConfig(cache_dir=".cache/embeddings")).fit(train, catalog)
+    cands = dense.candidates(histories, actions, k=100, exclude=histories)    # items [B, k] (-1 pads), scores
+    union = union_candidates({"dense": cands, "model": model_cands}, {"dense": 100, "model": 100})
+
+A model-backed source takes any fitted object with `.score(histories, actions) -> [B, n_catalog]` (every
+dragonrec Recommender has it), so this module never imports `dragonrec.recommenders`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Self
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from dragonrec.candidates.dense import Candidates, DenseRetriever
+from dragonrec.candidates.query import Preferences, QueryConfig, preference_vector, query_vector
+from dragonrec.data.catalog import Catalog
+from dragonrec.data.stats import item_popularity
+from dragonrec.embed import Embedder, default_embedder, embed_catalog
+from dragonrec.index import IndexConfig, VectorIndex
+from dragonrec.text import TextTemplate
+
+
+class ScoresItems(Protocol):
+    """What a model-backed source needs of a model: a fitted dragonrec Recommender has it."""
+
+    def score(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None) -> np.ndarray: ...
+
+
+class CandidateSource(ABC):
+    """Proposes up to k catalog indices per history, best first, never an item of `exclude[b]`.
+
+    `scores` gives the source's own score for every catalog item (-inf = never proposed); the default
+    `candidates` is its top k. `preferences[b]` (stated preferences) is used by sources that can read them.
+    """
+
+    name: str = "source"
+    reason: str = "proposed by a candidate source"  # one line shown beside the items it proposes
+
+    def fit(self, train: pd.DataFrame, catalog: Catalog) -> Self:
+        self.n_items = len(catalog)
+        return self
+
+    @abstractmethod
+    def scores(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None,
+               preferences: Sequence[Preferences | None] | None = None) -> np.ndarray:
+        """[B, n_catalog] float32, higher is better; -inf where the source has nothing to say."""
+
+    def candidates(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None,
+                   k: int = 100, exclude: Sequence[np.ndarray] | None = None,
+                   preferences: Sequence[Preferences | None] | None = None,
+                   scores: np.ndarray | None = None) -> Candidates:
+        """Top k per row: items [B, k] (-1 pads) and scores [B, k] (-inf pads). `scores`: this source's own
+        `scores()` for the same rows when the caller already has them (saves a second model pass)."""
+        full = self.scores(histories, actions, preferences) if scores is None else scores
+        return top_k(full, k, exclude)
+
+
+def top_k(scores: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None) -> Candidates:
+    """The k best finite scores per row, best first; ties go to the lower catalog index, so a row gives the
+    same answer alone or in any batch. Items of `exclude[b]` are skipped."""
+    s = np.array(scores, dtype=np.float32)  # a copy: exclusions are written into it
+    s[np.isnan(s)] = -np.inf
+    B, n = s.shape
+    if exclude is not None:
+        for b, e in enumerate(exclude):
+            if e is not None and len(e):
+                s[b, np.asarray(e, dtype=np.int64)] = -np.inf
+    k = min(k, n)
+    if k <= 0 or B == 0:
+        return Candidates(np.full((B, max(k, 0)), -1, np.int64), np.full((B, max(k, 0)), -np.inf, np.float32))
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]  # the k-th largest score per row
+    above = s > kth[:, None]
+    tied = s == kth[:, None]
+    need = k - above.sum(axis=1)
+    # among items tied at the k-th score, the lowest indices get the remaining places
+    chosen = (above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))) & (s > -np.inf)
+    cols = np.argsort(~chosen, axis=1, kind="stable")[:, :k]  # chosen columns first, in index order
+    vals = np.take_along_axis(s, cols, axis=1)
+    ok = np.take_along_axis(chosen, cols, axis=1)
+    vals = np.where(ok, vals, -np.inf)
+    order = np.lexsort((cols, -vals), axis=1)  # by score, then index
+    items = np.where(ok, cols, -1)
+    return Candidates(np.take_along_axis(items, order, axis=1).astype(np.int64),
+                      np.take_along_axis(vals, order, axis=1).astype(np.float32))
+
+
+class ModelSource(CandidateSource):
+    """The top K of any fitted model's `score()`: the generative model, co-occurrence, SASRec, ..."""
+
+    def __init__(self, model: ScoresItems, name: str | None = None, reason: str | None = None):
+        self.model = model
+        self.name = name or getattr(model, "name", "model")
+        self.reason = reason or f"ranked high by {self.name}"
+
+    def fit(self, train: pd.DataFrame, catalog: Catalog) -> Self:
+        """The model is fitted already (so a trained generative model is never trained twice)."""
+        return super().fit(train, catalog)
+
+    def scores(self, histories, actions=None, preferences=None) -> np.ndarray:
+        out = np.asarray(self.model.score(list(histories), None if actions is None else list(actions)),
+                         dtype=np.float32)
+        if out.shape != (len(histories), self.n_items):
+            raise ValueError(f"{self.name} scored {out.shape}, expected {(len(histories), self.n_items)}")
+        return out
+
+
+class PopularitySource(CandidateSource):
+    """The items most training users showed interest in (positive events), the same list for everyone."""
+
+    name = "popularity"
+    reason = "popular with shoppers"
+
+    def __init__(self, distinct_users: bool = True, half_life_days: float | None = None):
+        self.distinct_users = distinct_users
+        self.half_life_days = half_life_days
+
+    def fit(self, train: pd.DataFrame, catalog: Catalog) -> Self:
+        super().fit(train, catalog)
+        self.popularity = item_popularity(train, len(catalog), self.distinct_users, self.half_life_days)
+        return self
+
+    def scores(self, histories, actions=None, preferences=None) -> np.ndarray:
+        row = np.log1p(self.popularity).astype(np.float32)
+        return np.broadcast_to(row, (len(histories), len(row))).copy()
+
+
+class DenseConfig(BaseModel):
+    """Dense retrieval: the user's weighted history (+ stated preferences) as one query vector into FAISS."""
+
+    model_config = ConfigDict(frozen=True)
+
+    query: QueryConfig = Field(default_factory=QueryConfig)
+    """How history actions, recency and preferences become the query vector."""
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    """The FAISS index (exact up to 200k items)."""
+    template: TextTemplate = Field(default_factory=TextTemplate)
+    """Which item fields make the embedded text."""
+    cache_dir: str | None = ".cache/embeddings"
+    """Embedding cache folder (only new or edited item texts are embedded); None = no disk cache."""
+
+
+class DenseSource(CandidateSource):
+    """Items whose text embedding is nearest the user's query vector (the RAG baseline's retrieval)."""
+
+    name = "dense"
+    reason = "similar to what you liked"
+
+    def __init__(self, cfg: DenseConfig | None = None, embedder: Embedder | None = None,
+                 item_vectors: np.ndarray | None = None):
+        self.cfg = cfg or DenseConfig()
+        self.embedder = embedder
+        self.item_vectors = item_vectors  # precomputed [n_catalog, dim] unit rows, if any
+
+    def fit(self, train: pd.DataFrame, catalog: Catalog) -> Self:
+        super().fit(train, catalog)
+        self.embedder = self.embedder or default_embedder()
+        if self.item_vectors is None or len(self.item_vectors) != len(catalog):
+            self.item_vectors = embed_catalog(catalog, cache_dir=self.cfg.cache_dir, template=self.cfg.template,
+                                              embedder=self.embedder)
+        self.item_vectors = np.ascontiguousarray(self.item_vectors, dtype=np.float32)
+        ids = catalog.item_ids.tolist()
+        self.index = VectorIndex.build(self.item_vectors, ids, model=self.embedder.name, cfg=self.cfg.index)
+        self.retriever = DenseRetriever(self.index, ids)
+        return self
+
+    def queries(self, histories, actions=None, preferences=None) -> tuple[np.ndarray, np.ndarray]:
+        """([B, dim] unit query vectors, [B] bool has_query); rows without any positive signal are zero."""
+        out = np.zeros((len(histories), self.item_vectors.shape[1]), dtype=np.float32)
+        ok = np.zeros(len(histories), dtype=bool)
+        for b, h in enumerate(histories):
+            prefs = preferences[b] if preferences is not None else None
+            pref_vec = preference_vector(prefs, self.embedder, self.cfg.cache_dir) if prefs is not None else None
+            q = query_vector(np.asarray(h, dtype=np.int64), None if actions is None else actions[b],
+                             self.item_vectors, self.cfg.query, pref_vec)
+            if q is not None:
+                out[b], ok[b] = q, True
+        return out, ok
+
+    def scores(self, histories, actions=None, preferences=None) -> np.ndarray:
+        q, ok = self.queries(histories, actions, preferences)
+        out = q @ self.item_vectors.T
+        out[~ok] = -np.inf
+        return out.astype(np.float32)
+
+    def candidates(self, histories, actions=None, k=100, exclude=None, preferences=None, scores=None) -> Candidates:
+        # the index, not a full product: IVF/HNSW keep this fast on catalogs of millions
+        q, ok = self.queries(histories, actions, preferences)
+        out = Candidates(np.full((len(histories), k), -1, np.int64), np.full((len(histories), k), -np.inf, np.float32))
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            found = self.retriever.retrieve(q[rows], k, None if exclude is None else [exclude[b] for b in rows])
+            out.items[rows], out.scores[rows] = found.items, found.scores
+        return out
+
+
+@dataclass
+class CandidateUnion:
+    """The deduplicated union of several sources' candidates, per row in fused retrieval order.
+
+    items [B, U] catalog indices (-1 pads); fused [B, U] reciprocal-rank-fusion scores (-inf pads);
+    primary [B, U] position in `names` of the first source (by priority) that proposed the item (-1 pads);
+    ranks [B, U, S] 1-based rank of the item in each source's list (0 = not proposed by that source).
+    """
+
+    names: list[str]
+    items: np.ndarray
+    fused: np.ndarray
+    primary: np.ndarray
+    ranks: np.ndarray
+
+    def row(self, b: int) -> np.ndarray:
+        """Positions of row b's real items (its pads dropped)."""
+        return np.flatnonzero(self.items[b] >= 0)
+
+    def sources_of(self, b: int, j: int) -> list[str]:
+        """Every source that proposed item j of row b, in priority order."""
+        return [self.names[s] for s in np.flatnonzero(self.ranks[b, j])]
+
+
+def union_candidates(per_source: Mapping[str, Candidates], quotas: Mapping[str, int],
+                     fusion_k: float = 60.0) -> CandidateUnion:
+    """Each source's first `quotas[name]` candidates, deduplicated: an item belongs to the first source (in
+    the order of `quotas`) that proposed it, and remembers every source that did.
+
+    The union is ordered by reciprocal-rank fusion, sum over proposing sources of 1 / (fusion_k + rank)
+    (Cormack et al. 2009), ties by priority: items several sources agree on rise, and a single source keeps
+    its own order. This is the "retrieval order" a pipeline falls back to when its scorer fails.
+    """
+    names = [s for s in quotas if s in per_source]
+    if not names:
+        raise ValueError("no candidate source to unite")
+    parts = [np.asarray(per_source[s].items)[:, :quotas[s]] for s in names]
+    B = parts[0].shape[0]
+    cat = np.concatenate(parts, axis=1)
+    T = cat.shape[1]
+    src = np.concatenate([np.full(p.shape[1], i) for i, p in enumerate(parts)]).astype(np.int64)
+    rank = np.concatenate([np.arange(p.shape[1]) for p in parts]).astype(np.int64)
+    cols = np.arange(T)
+    valid = cat >= 0
+    key = np.where(valid, cat, -1 - cols[None, :])  # pads get distinct keys, so they never merge
+    # A stable sort groups each item's occurrences with the highest-priority one first.
+    order = np.argsort(key, axis=1, kind="stable")
+    sk = np.take_along_axis(key, order, axis=1)
+    first = np.ones((B, T), dtype=bool)
+    first[:, 1:] = sk[:, 1:] != sk[:, :-1]
+    start = np.maximum.accumulate(np.where(first, cols[None, :], 0), axis=1)
+    owner = np.empty((B, T), dtype=np.int64)  # column of the first occurrence of each column's item
+    np.put_along_axis(owner, order, np.take_along_axis(order, start, axis=1), axis=1)
+    rows = np.repeat(np.arange(B), T)
+    v = valid.ravel()
+    ranks = np.zeros((B, T, len(names)), dtype=np.int32)
+    ranks[rows[v], owner.ravel()[v], np.tile(src, B)[v]] = np.tile(rank, B)[v] + 1
+    fused = np.zeros(B * T, dtype=np.float64)
+    np.add.at(fused, (rows * T + owner.ravel())[v], 1.0 / (fusion_k + np.tile(rank, B)[v] + 1.0))
+    fused = fused.reshape(B, T)
+    keep = valid & (owner == cols[None, :])
+    pos = np.lexsort((np.broadcast_to(cols, (B, T)), np.where(keep, -fused, np.inf)), axis=1)
+    U = int(keep.sum(axis=1).max()) if B else 0
+    pos = pos[:, :U]
+    kept = np.take_along_axis(keep, pos, axis=1)
+    return CandidateUnion(
+        names=names,
+        items=np.where(kept, np.take_along_axis(cat, pos, axis=1), -1).astype(np.int64),
+        fused=np.where(kept, np.take_along_axis(fused, pos, axis=1), -np.inf),
+        primary=np.where(kept, src[pos], -1),
+        ranks=np.take_along_axis(ranks, pos[:, :, None], axis=1) * kept[:, :, None],
+    )
+
+
+__all__ = ["CandidateSource", "CandidateUnion", "DenseConfig", "DenseSource", "ModelSource", "PopularitySource",
+           "ScoresItems", "top_k", "union_candidates"]

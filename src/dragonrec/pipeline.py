@@ -1,0 +1,519 @@
+"""The recommendation pipeline: history (+ context) -> candidate sources -> union -> scorer -> re-rank -> an
+ordered list, each item with its score, the source that proposed it and a one-line reason. One object answers
+full-ranking evaluation (`score`, batched) and single online requests (`recommend_for`), so what we measure
+is what we serve.
+
+    pipe = Pipeline(PipelineConfig.union(), model=fitted_generative).fit(split.train, catalog)
+    scores = pipe.score(histories, actions)      # [B, n_catalog] float32, for evaluate_cases
+    recs = pipe.recommend_for(history, actions, n=10, context={"cart": ["B00X"], "preferences": "vegan"})
+    pipe.stats()                                  # requests, cold, scored, degraded and why; reset_stats()
+
+    dragonrec evaluate --data DIR --recommender pipeline --set 'sources={"dense": 500}' --set rest=dense \
+        --set scorer=model:cooccurrence          # the RAG baseline as a pipeline
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Self
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dragonrec.candidates.cold import ColdStart, ColdStartConfig
+from dragonrec.candidates.query import Preferences, QueryConfig
+from dragonrec.candidates.sources import (
+    CandidateSource,
+    CandidateUnion,
+    DenseConfig,
+    DenseSource,
+    ModelSource,
+    PopularitySource,
+    union_candidates,
+)
+from dragonrec.data.catalog import Catalog
+from dragonrec.embed import Embedder
+from dragonrec.recommenders import build
+from dragonrec.recommenders.base import Recommender
+from dragonrec.schema import Action, parse_action, positive_mask
+from dragonrec.scorers.base import ItemView, Scorer, ScoreRequest, ScoreResult
+from dragonrec.text import catalog_texts
+
+DEFAULT_QUOTAS: dict[str, int] = {"dense": 100, "cooccurrence": 100, "model": 100, "popularity": 50}
+
+# The one-line "why" of an item, by the source that proposed it (a scorer's own reason takes precedence).
+SOURCE_REASONS: dict[str, str] = {
+    "dense": "similar to what you liked",
+    "cooccurrence": "often bought next after items in your history",
+    "popularity": "popular with shoppers",
+    "cold_start": "new or rarely seen: worth a look",
+}
+
+
+class PipelineConfig(BaseModel):
+    """Which candidate sources (and how many candidates each), which scorer, and how the list is finished."""
+
+    sources: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_QUOTAS))
+    """Source -> candidates it proposes, in priority order: 'dense', 'popularity', 'model' or a recommender name."""
+    model: str = "generative"
+    """Recommender behind the 'model' source and the 'model' scorer (fitted here unless one is handed in)."""
+    overrides: dict[str, dict] = Field(default_factory=dict)
+    """Config overrides of recommender-backed parts by source name ('model' too): {"cooccurrence": {...}}."""
+    scorer: str = "model"
+    """'none' (fused retrieval order), 'model' (the pipeline's model), 'model:NAME', 'openai' or 'hf:MODEL_DIR'."""
+    rest: str | None = "model"
+    """Source whose full-catalog scores order everything below the list (None: -inf); fills short lists."""
+    fusion_k: float = Field(60.0, gt=0)
+    """Reciprocal-rank fusion constant: retrieval score = sum over proposing sources of 1/(fusion_k + rank)."""
+    exclude_history: bool = True
+    """Never propose an item the user already has (the cart and the page's item are always excluded)."""
+    scorer_history: int = Field(50, ge=0)
+    """Latest history events shown to the scorer (LLM scorers cut further with their own settings)."""
+    dense: DenseConfig = Field(default_factory=DenseConfig)
+    """The dense retrieval source: query weights, index, item text template, embedding cache."""
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    """The list for users with no positive event and no stated preferences."""
+    reason_chars: int = Field(80, ge=10)
+    """Degraded-request reasons are counted by their first this-many characters."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not self.sources:
+            raise ValueError("a pipeline needs at least one candidate source")
+        bad = {k: v for k, v in self.sources.items() if v < 1}
+        if bad:
+            raise ValueError(f"source quotas must be >= 1, got {bad}")
+        if self.rest is not None and self.rest not in self.sources:
+            raise ValueError(f"rest={self.rest!r} is not one of the sources {list(self.sources)}")
+        return self
+
+    @classmethod
+    def rag(cls, k: int = 50, scorer: str = "none", **fields) -> PipelineConfig:
+        """The RAG baseline: dense retrieval alone, `scorer` over its top k, retrieval similarity below."""
+        return cls(sources={"dense": k}, scorer=scorer, rest="dense", **fields)
+
+    @classmethod
+    def union(cls, quotas: Mapping[str, int] | None = None, model: str = "generative", scorer: str = "model",
+              rest: str | None = "model", **fields) -> PipelineConfig:
+        """The union of dense, co-occurrence, the model's own top-K and popularity, scored by the model."""
+        return cls(sources=dict(quotas or DEFAULT_QUOTAS), model=model, scorer=scorer, rest=rest, **fields)
+
+
+class RequestContext(BaseModel):
+    """What an online request knows beyond the history: the page's item, the cart, stated preferences."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: str | None = None
+    """The item on the current page: read as the latest event (a view) and never recommended."""
+    cart: list[str] = Field(default_factory=list)
+    """Item ids in the cart: read as add-to-cart events and never recommended."""
+    preferences: Preferences | str | None = None
+    """What the user told us: free text and/or categories (a string is free text)."""
+    exclude: list[str] = Field(default_factory=list)
+    """Item ids never to recommend (out of stock, already shown, ...)."""
+
+    def prefs(self) -> Preferences | None:
+        p = Preferences(text=self.preferences) if isinstance(self.preferences, str) else self.preferences
+        return None if p is None or p.is_empty() else p
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """One recommended item."""
+
+    item_id: str
+    idx: int  # catalog index
+    score: float  # the scorer's score; the fused retrieval score where the scorer gave none
+    source: str  # the first source (by priority) that proposed it, or "popularity"/"cold_start"/the rest source
+    reason: str  # one line: why this item
+    sources: tuple[str, ...] = ()  # every source that proposed it as a candidate (empty: cold list or fill)
+
+
+class Recommendations(list):
+    """A list of `Recommended`, best first, plus how the request went (degraded scorer, timings)."""
+
+    def __init__(self, items: Iterable[Recommended] = (), *, cold: bool = False, degraded: bool = False,
+                 degraded_reason: str | None = None, timings: dict[str, float] | None = None):
+        super().__init__(items)
+        self.cold = cold
+        self.degraded = degraded
+        self.degraded_reason = degraded_reason
+        self.timings = timings or {}
+
+
+class Reranker:
+    """The last stage: re-orders one request's scored list. This one only drops banned items (history, cart,
+    the request's exclusions); diversity (MMR), category spread and business filters subclass it."""
+
+    def rerank(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray) -> np.ndarray:
+        """Positions into `items` in the new order (dropped items left out). `items` [m] catalog indices, best
+        first; `scores` [m] their scores; `banned` catalog indices that must not appear."""
+        return np.flatnonzero(~np.isin(items, banned))
+
+
+@dataclass
+class PipelineStats:
+    """Counters over this pipeline's requests since the last reset (an evaluation's rows count one each)."""
+
+    requests: int = 0
+    cold: int = 0  # answered by the cold-start list
+    scored: int = 0  # sent to the scorer
+    degraded: int = 0  # the scorer failed (retrieval order used) or answered only in part
+    degraded_reasons: Counter = field(default_factory=Counter)
+
+    def as_dict(self, top: int = 10) -> dict:
+        return {"requests": self.requests, "cold": self.cold, "scored": self.scored, "degraded": self.degraded,
+                "degraded_share": self.degraded / self.scored if self.scored else 0.0,
+                "degraded_reasons": dict(self.degraded_reasons.most_common(top))}
+
+
+@dataclass
+class _Ranked:
+    """One request's ranked candidates (internal): final order, display scores, provenance."""
+
+    items: np.ndarray  # [m] catalog indices, best first
+    scores: np.ndarray  # [m] scorer score, or fused retrieval score where the scorer gave none
+    primary: np.ndarray  # [m] index into the union's source names
+    ranks: np.ndarray  # [m, S] 1-based rank in each source (0 = not proposed)
+    reasons: list[str | None] | None  # the scorer's reasons, aligned with items
+    degraded: bool = False
+    degraded_reason: str | None = None
+
+    @property
+    def cold(self) -> bool:
+        return not len(self.items)
+
+
+class Pipeline(Recommender):
+    """Candidates from several sources -> one scorer -> a re-ranker, behind the Recommender contract.
+
+    Build it from a config alone (every part is fitted in `fit`), or hand in fitted parts: `model` (the
+    recommender behind the 'model' source and scorer, e.g. a trained generative model), `scorer`, `sources`
+    (CandidateSource objects by name, replacing the built ones), `embedder` (for dense retrieval), `reranker`.
+    """
+
+    name: ClassVar[str] = "pipeline"
+
+    def __init__(self, cfg: PipelineConfig | None = None, model: Recommender | None = None,
+                 scorer: Scorer | None = None, sources: Mapping[str, CandidateSource] | None = None,
+                 embedder: Embedder | None = None, reranker: Reranker | None = None):
+        self.cfg = cfg or PipelineConfig()
+        self.model = model
+        self.scorer = scorer
+        self.given_sources = dict(sources or {})
+        self.embedder = embedder
+        self.reranker = reranker or Reranker()
+        self.counters = PipelineStats()
+        self._lock = threading.Lock()
+        self._texts: list[str] | None = None
+
+    # -- fitting ------------------------------------------------------------------------------------------
+    def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
+        """Fit every source, the model and the scorer that were not handed in, and the cold-start list. A
+        recommender used twice (e.g. the generative model as source and scorer) is fitted once."""
+        self.catalog = catalog
+        self._texts = None
+        # Fitted recommenders by (name, overrides): a model used twice (source and scorer) is fitted once.
+        fitted: dict[tuple[str, str], Recommender] = {}
+        if self.model is not None:
+            fitted[_part_key(self.cfg.model, self.cfg.overrides.get("model"))] = self.model
+
+        def recommender(name: str, role: str) -> Recommender:
+            """`role`: "model" for the pipeline's model, else the source name (whose overrides apply)."""
+            if name in ("pipeline", "rag"):
+                raise ValueError(f"a pipeline cannot use the {name!r} recommender as a part")
+            if role == "model" and self.model is not None:
+                return self.model
+            over = self.cfg.overrides.get(role) or None
+            key = _part_key(name, over)
+            if key not in fitted:
+                fitted[key] = build(name, over).fit(train, catalog, valid=valid)
+            return fitted[key]
+
+        self.sources: dict[str, CandidateSource] = {}
+        for key in self.cfg.sources:
+            if key in self.given_sources:
+                src = self.given_sources[key]
+            elif key == "dense":
+                src = DenseSource(self.cfg.dense, embedder=self.embedder)
+            elif key == "popularity":
+                src = PopularitySource()
+            elif key == "model":
+                m = recommender(self.cfg.model, "model")
+                src = ModelSource(m, name="model", reason=f"{m.name} predicts it next")
+            else:
+                src = ModelSource(recommender(key, key), name=key, reason=SOURCE_REASONS.get(key))
+            src.name = key  # a source is named by its config key everywhere (stats, Recommended.source)
+            self.sources[key] = src.fit(train, catalog)
+        if "model" in self.cfg.sources or self.cfg.scorer == "model":
+            self.model = recommender(self.cfg.model, "model")
+        if self.scorer is None:
+            self.scorer = self._make_scorer(self.cfg.scorer, recommender, train, catalog, valid)
+        self.cold = ColdStart(self.cfg.cold_start).fit(train, len(catalog))
+        self._cold_scores = self.cold.scores()
+        self.reset_stats()
+        return self
+
+    def _make_scorer(self, spec: str, recommender, train, catalog, valid) -> Scorer | None:
+        from dragonrec.scorers.model import ModelScorer
+
+        kind, _, arg = spec.partition(":")
+        if kind == "none":
+            return None
+        if kind == "model":
+            # "model" and "model:<cfg.model>" are the pipeline's model; another name shares a source's fit
+            name = arg or self.cfg.model
+            return ModelScorer(recommender(name, "model" if name == self.cfg.model else name))
+        from dragonrec.recommenders.rag import make_scorer  # openai, hf:DIR
+
+        return make_scorer(spec, train, catalog, valid)
+
+    # -- counters -----------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Requests, cold, scored and degraded counts since the last reset, and the commonest degraded reasons."""
+        with self._lock:
+            return self.counters.as_dict()
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.counters = PipelineStats()
+
+    # -- the stages, batched ------------------------------------------------------------------------------
+    def _rank(self, histories: list[np.ndarray], actions, banned: list[np.ndarray],
+              preferences: list[Preferences | None] | None = None,
+              timings: dict[str, float] | None = None) -> tuple[list[_Ranked], np.ndarray | None]:
+        """Every stage for a batch: ([B] ranked lists (empty = cold), [B, n] rest scores or None)."""
+        t0 = time.perf_counter()
+        B, n = len(histories), len(self.catalog)
+        prefs = preferences or [None] * B
+        warm = np.asarray([_has_signal(h, None if actions is None else actions[b], prefs[b])
+                           for b, h in enumerate(histories)], dtype=bool)
+        out = [_Ranked(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros((0, 0), np.int32), None)
+               for _ in range(B)]
+        rest = None
+        rows = np.flatnonzero(warm)
+        if len(rows):
+            h = [histories[b] for b in rows]
+            a = None if actions is None else [actions[b] for b in rows]
+            p = None if preferences is None else [prefs[b] for b in rows]
+            ex = [banned[b] for b in rows]
+            rest_w = None
+            if self.cfg.rest is not None:
+                rest_w = np.nan_to_num(self.sources[self.cfg.rest].scores(h, a, p).astype(np.float32),
+                                       nan=-np.inf, posinf=np.finfo(np.float32).max)
+                rest = np.full((B, n), -np.inf, dtype=np.float32)
+                rest[rows] = rest_w
+            per_source = {key: self.sources[key].candidates(h, a, quota, ex, p,
+                                                            scores=rest_w if key == self.cfg.rest else None)
+                          for key, quota in self.cfg.sources.items()}
+            union = union_candidates(per_source, self.cfg.sources, self.cfg.fusion_k)
+            t1 = time.perf_counter()
+            results = self._score_union(union, h, a, p)
+            t2 = time.perf_counter()
+            for i, b in enumerate(rows):
+                out[b] = self._finish(union, i, results[i], banned[b])
+            if timings is not None:
+                timings.update(candidates_s=t1 - t0, score_s=t2 - t1, rerank_s=time.perf_counter() - t2)
+        with self._lock:
+            c = self.counters
+            c.requests += B
+            c.cold += sum(r.cold for r in out)
+            for r in out:
+                if r.degraded:
+                    c.degraded += 1
+                    c.degraded_reasons[(r.degraded_reason or "unknown")[:self.cfg.reason_chars]] += 1
+        return out, rest
+
+    def _score_union(self, union: CandidateUnion, histories, actions, prefs) -> list[ScoreResult | None]:
+        """The scorer's answer per row (None = no scorer or nothing to score). Never raises for a scorer's
+        failure: an exception or a malformed answer becomes a degraded result with the reason."""
+        B = len(histories)
+        if self.scorer is None:
+            return [None] * B
+        rows = [i for i in range(B) if len(union.row(i))]
+        requests = [self._request(histories[i], None if actions is None else actions[i],
+                                  union.items[i, union.row(i)], union.fused[i, union.row(i)],
+                                  None if prefs is None else prefs[i]) for i in rows]
+        name = getattr(self.scorer, "name", type(self.scorer).__name__)
+        try:
+            results = list(self.scorer.score_batch(requests)) if requests else []
+            if len(results) != len(requests):
+                raise RuntimeError(f"answered {len(results)} results for {len(requests)} requests")
+        except Exception as e:  # noqa: BLE001 - a scorer must never take the request down: retrieval order
+            results = [ScoreResult.fallback(len(r.candidates), f"{name} failed: {type(e).__name__}: {e}")
+                       for r in requests]
+        for j, (req, res) in enumerate(zip(requests, results)):
+            if not isinstance(res, ScoreResult) or len(res.scores) != len(req.candidates):
+                got = len(res.scores) if isinstance(res, ScoreResult) else type(res).__name__
+                results[j] = ScoreResult.fallback(len(req.candidates), f"{name} answered {got} scores for "
+                                                  f"{len(req.candidates)} candidates")
+        with self._lock:
+            self.counters.scored += len(requests)
+        out: list[ScoreResult | None] = [None] * B
+        for i, res in zip(rows, results):
+            out[i] = res
+        return out
+
+    def _request(self, history, actions, items, fused, prefs) -> ScoreRequest:
+        m = self.cfg.scorer_history
+        hist = np.asarray(history, dtype=np.int64)[-m:] if m else np.zeros(0, np.int64)
+        acts = [None] * len(hist) if actions is None or not len(hist) else list(np.asarray(actions, object)[-len(hist):])
+        texts = self.texts
+        return ScoreRequest(
+            history=[ItemView(int(i), texts[i], None if x is None else str(x)) for i, x in zip(hist, acts)],
+            candidates=[ItemView(int(i), texts[i]) for i in items],
+            preferences=prefs, retrieval_scores=np.asarray(fused, dtype=np.float32))
+
+    def _finish(self, union: CandidateUnion, i: int, res: ScoreResult | None, banned: np.ndarray) -> _Ranked:
+        """Scorer order (retrieval order where there is no scorer or it failed), then the re-ranker."""
+        pos = union.row(i)  # already in fused retrieval order
+        fused = union.fused[i, pos]
+        if res is None:
+            order, shown, reasons = np.arange(len(pos)), fused, None
+        else:
+            # Scored candidates first, the unscored after them in retrieval order: a failed request (no
+            # scores) keeps the retrieval order; a partly answered one keeps the scores it got.
+            order = res.order(fused)
+            shown = np.where(np.isfinite(res.scores), res.scores, fused)
+            reasons = [res.reasons[j] for j in order]
+        pos = pos[order]
+        items = union.items[i, pos]
+        keep = self.reranker.rerank(items, shown[order], banned)
+        return _Ranked(items[keep], shown[order][keep].astype(np.float64), union.primary[i, pos][keep],
+                       union.ranks[i, pos][keep], None if reasons is None else [reasons[j] for j in keep],
+                       res is not None and res.degraded, None if res is None else res.degraded_reason)
+
+    @property
+    def texts(self) -> list[str]:
+        """Item texts as scorers see them (the dense source's template), computed on first use."""
+        if self._texts is None:
+            self._texts = catalog_texts(self.catalog, self.cfg.dense.template)
+        return self._texts
+
+    # -- offline: the Recommender contract ----------------------------------------------------------------
+    def score(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """[B, n_catalog] float32: each row's final list above every other item, in list order; the rest in
+        the order of the `rest` source's scores (-inf without one); users with no positive signal get the
+        cold-start list. What `recommend_for` answers is the top of the same order."""
+        histories = [np.asarray(h, dtype=np.int64) for h in histories]
+        banned = [h if self.cfg.exclude_history else np.zeros(0, np.int64) for h in histories]
+        ranked, rest = self._rank(histories, None if actions is None else list(actions), banned)
+        out = np.full((len(histories), len(self.catalog)), -np.inf, dtype=np.float32) if rest is None else rest
+        for b, r in enumerate(ranked):
+            if r.cold:
+                out[b] = self._cold_scores
+                continue
+            finite = out[b][np.isfinite(out[b])]
+            top = float(finite.max()) if len(finite) else 0.0
+            # list position p of m gets top + 1 + (m - p): above every non-candidate, in list order
+            out[b, r.items] = top + 1.0 + (len(r.items) - np.arange(len(r.items), dtype=np.float32))
+        return out
+
+    def recommend(self, history: np.ndarray, n: int = 10, exclude: Iterable[int] | None = None,
+                  exclude_history: bool = True, actions: np.ndarray | None = None,
+                  context: RequestContext | dict | None = None) -> list[int]:
+        """The contract's form of `recommend_for`: catalog indices only."""
+        return [r.idx for r in self.recommend_for(history, actions, n, context, exclude=exclude,
+                                                  exclude_history=exclude_history)]
+
+    # -- online -------------------------------------------------------------------------------------------
+    def recommend_for(self, history: Sequence[int] | np.ndarray = (), actions: Sequence[str] | None = None,
+                      n: int = 10, context: RequestContext | dict | None = None,
+                      exclude: Iterable[int] | None = None, exclude_history: bool | None = None) -> Recommendations:
+        """One request: history (catalog indices, oldest first) + actions (any known spelling) + context ->
+        the top n, each with score, source and reason. `exclude` (catalog indices) adds to context.exclude."""
+        t0 = time.perf_counter()
+        ctx = context if isinstance(context, RequestContext) else RequestContext.model_validate(context or {})
+        history = np.asarray(history, dtype=np.int64)
+        if len(history) and (history.min() < 0 or history.max() >= len(self.catalog)):
+            raise ValueError(f"history holds indices outside the catalog (0..{len(self.catalog) - 1})")
+        acts = None
+        if actions is not None:
+            acts = np.asarray([parse_action(x).value for x in actions], dtype=object)
+            if len(acts) != len(history):
+                raise ValueError(f"history has {len(history)} events but {len(acts)} actions")
+        # The cart and the page's item are the latest events: every source and the scorer read them.
+        cart = self.catalog.indices(ctx.cart)
+        here = self.catalog.indices([ctx.item_id] if ctx.item_id else [])
+        extra = np.concatenate([cart, here])
+        if len(extra):
+            if acts is None:
+                acts = np.full(len(history), QueryConfig().default_action, dtype=object)
+            acts = np.concatenate([acts, np.asarray([Action.ADD_TO_CART.value] * len(cart)
+                                                    + [Action.VIEW.value] * len(here), dtype=object)])
+            history = np.concatenate([history, extra])
+        skip_history = self.cfg.exclude_history if exclude_history is None else exclude_history
+        banned = np.unique(np.concatenate([history if skip_history else np.zeros(0, np.int64), extra,
+                                           self.catalog.indices(ctx.exclude),
+                                           np.asarray(list(exclude or []), dtype=np.int64)]))
+        prefs = ctx.prefs()
+        timings: dict[str, float] = {}
+        ranked, rest = self._rank([history], None if acts is None else [acts], [banned],
+                                  None if prefs is None else [prefs], timings)
+        r = ranked[0]
+        if r.cold:
+            out = self._cold_list(banned, n)
+        else:
+            names = self.sources_names
+            out = [self._recommended(int(r.items[j]), float(r.scores[j]), names[r.primary[j]],
+                                     tuple(names[s] for s in np.flatnonzero(r.ranks[j])),
+                                     None if r.reasons is None else r.reasons[j]) for j in range(min(n, len(r.items)))]
+            if len(out) < n and rest is not None:
+                out += self._rest_list(rest[0], np.concatenate([banned, r.items]), n - len(out))
+        timings["total_s"] = time.perf_counter() - t0
+        return Recommendations(out, cold=r.cold, degraded=r.degraded, degraded_reason=r.degraded_reason,
+                               timings=timings)
+
+    @property
+    def sources_names(self) -> list[str]:
+        return [k for k in self.cfg.sources]
+
+    def _recommended(self, idx: int, score: float, source: str, sources: tuple[str, ...],
+                     scorer_reason: str | None) -> Recommended:
+        if scorer_reason:
+            reason = scorer_reason
+        else:
+            src = self.sources.get(source)
+            reason = src.reason if src is not None else SOURCE_REASONS.get(source, f"proposed by {source}")
+            others = [s for s in sources if s != source]
+            if others:
+                reason += f" (also from {', '.join(others)})"
+        return Recommended(str(self.catalog.item_ids[idx]), idx, score, source, reason, sources)
+
+    def _cold_list(self, banned: np.ndarray, n: int) -> list[Recommended]:
+        rank = self.cold.ranking()
+        rank = rank[~np.isin(rank, banned)][:n]
+        popular = self.cold.popularity[rank] > self.cfg.cold_start.rare_max_users
+        return [self._recommended(int(i), float(self._cold_scores[i]), "popularity" if p else "cold_start",
+                                  (), None) for i, p in zip(rank, popular)]
+
+    def _rest_list(self, rest: np.ndarray, skip: np.ndarray, n: int) -> list[Recommended]:
+        s = rest.copy()
+        s[skip.astype(np.int64)] = -np.inf
+        idx = np.flatnonzero(np.isfinite(s))
+        idx = idx[np.lexsort((idx, -s[idx]))][:n]
+        return [self._recommended(int(i), float(s[i]), self.cfg.rest, (), None) for i in idx]
+
+
+def _part_key(name: str, overrides: dict | None) -> tuple[str, str]:
+    return name, json.dumps(overrides or {}, sort_keys=True)
+
+
+def _has_signal(history: np.ndarray, actions, prefs: Preferences | None) -> bool:
+    """A positive event or stated preferences: anything else (nothing, only scroll-pasts) is a cold user."""
+    if prefs is not None and not prefs.is_empty():
+        return True
+    if not len(history):
+        return False
+    return actions is None or bool(positive_mask(np.asarray(actions, dtype=object)).any())
+
+
+__all__ = ["DEFAULT_QUOTAS", "Pipeline", "PipelineConfig", "PipelineStats", "Recommendations", "Recommended",
+           "RequestContext", "Reranker"]
