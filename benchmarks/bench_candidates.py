@@ -25,7 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dragonrec.candidates.query import QueryConfig
 from dragonrec.candidates.sources import DenseConfig, DenseSource, ModelSource, PopularitySource
-from dragonrec.data import leave_one_out, load_dataset
+from dragonrec.data import leave_one_out, load_dataset, same_day_mask, shuffle_ties
+from dragonrec.data.provenance import check_held_out
 from dragonrec.evaluate import evaluate_cases
 from dragonrec.evaluate.candidates import candidate_recall
 from dragonrec.evaluate.experiment import DEMO_RECOMMENDERS
@@ -36,7 +37,10 @@ from dragonrec.scorers.model import ModelScorer
 
 def brief(result: dict) -> dict:
     m = result["metrics"]
-    return {k: round(m[k], 5) for k in ("ndcg@10", "hr@10", "ndcg@5", "hr@5", "hr@20", "mrr")} | {"cases": m["cases"]}
+    out = {k: round(m[k], 5) for k in ("ndcg@10", "hr@10", "ndcg@5", "hr@5", "hr@20", "mrr")} | {"cases": m["cases"]}
+    if "same_day" in result.get("slices", {}):
+        out["same_day_ndcg@10"] = round(result["slices"]["same_day"]["ndcg@10"], 5)
+    return out
 
 
 def main() -> None:
@@ -49,13 +53,16 @@ def main() -> None:
                     '"cooccurrence": 100, "model": 100, "popularity": 50} (model only with a model)')
     ap.add_argument("--limit", type=int, default=0, help="first N test cases only (0 = all)")
     ap.add_argument("--evaluate", action="store_true", help="also rank the whole catalog with pipeline configs")
+    ap.add_argument("--ties", choices=("keep", "shuffle"), default="keep", help="same-timestamp order (as evaluate)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled ties")
     ap.add_argument("--out", default="benchmarks/results/candidates_beauty.json")
     args = ap.parse_args()
     report: dict = {"data": args.data, "command": " ".join(["benchmarks/bench_candidates.py", *sys.argv[1:]]),
                     "args": vars(args)}
     t0 = time.perf_counter()
     ds = load_dataset(args.data)
-    split = leave_one_out(ds.events)
+    events = shuffle_ties(ds.events, args.seed) if args.ties == "shuffle" else ds.events
+    split = leave_one_out(events)
     cases = split.test if not args.limit else split.test.subset(np.arange(min(args.limit, len(split.test))))
     demo = DEMO_RECOMMENDERS["rag"]
     dense_cfg = DenseConfig(query=QueryConfig(**demo["query"]), cache_dir=args.cache_dir)
@@ -67,6 +74,7 @@ def main() -> None:
     if Path(args.model, "recommender.json").exists():
         from dragonrec.recommenders.sequential import GenerativeRecommender
 
+        check_held_out(args.model, split, ds.catalog.item_ids)  # never a model that saw these test targets
         gen = GenerativeRecommender.load(Path(args.model), ds.catalog)
         sources["model"] = ModelSource(gen, name="model")
     sources["popularity"] = PopularitySource()
@@ -103,13 +111,14 @@ def main() -> None:
             pipe = Pipeline(cfg, model=gen, scorer=scorer,
                             sources={k: v for k, v in sources.items() if k in cfg.sources})
             pipe.fit(split.train, ds.catalog)
-            res = evaluate_cases(pipe, cases, train=split.train)
+            res = evaluate_cases(pipe, cases, train=split.train, slices={"same_day": same_day_mask(cases)})
             report["pipelines"][label] = {"test": brief(res), "stats": pipe.stats(),
                                           "seconds": round(time.perf_counter() - t, 1)}
             print(f"{label:45s} NDCG@10 {res['metrics']['ndcg@10']:.4f}  HR@10 {res['metrics']['hr@10']:.4f}  "
                   f"({report['pipelines'][label]['seconds']} s)", flush=True)
         if gen is not None:
-            report["pipelines"]["generative alone"] = {"test": brief(evaluate_cases(gen, cases, train=split.train))}
+            report["pipelines"]["generative alone"] = {"test": brief(evaluate_cases(
+                gen, cases, train=split.train, slices={"same_day": same_day_mask(cases)}))}
     report["total_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

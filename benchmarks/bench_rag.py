@@ -25,13 +25,13 @@ from dragonrec.candidates import QueryConfig
 from dragonrec.data import EvalCases, leave_one_out, load_dataset
 from dragonrec.embed import embed_catalog
 from dragonrec.evaluate import evaluate_cases, evaluate_split
-from dragonrec.recommenders.rag import RAGConfig, RAGRecommender
+from dragonrec.rag import RAGConfig, RAGPipeline
 from dragonrec.scorers.model import ModelScorer
 
 RECALL_KS = (20, 50, 100, 200)
 
 
-def retrieval_recall(rag: RAGRecommender, cases: EvalCases, ks=RECALL_KS, batch: int = 2048) -> dict[str, float]:
+def retrieval_recall(rag: RAGPipeline, cases: EvalCases, ks=RECALL_KS, batch: int = 2048) -> dict[str, float]:
     """Share of cases whose target is among the top-K retrieved candidates (history excluded)."""
     kmax = max(ks)
     hits = {k: 0 for k in ks}
@@ -44,7 +44,7 @@ def retrieval_recall(rag: RAGRecommender, cases: EvalCases, ks=RECALL_KS, batch:
     return {f"recall@{k}": hits[k] / max(len(cases), 1) for k in ks}
 
 
-def prompt_size(rag: RAGRecommender, cases: EvalCases, k: int = 20, n_cases: int = 500) -> dict:
+def prompt_size(rag: RAGPipeline, cases: EvalCases, k: int = 20, n_cases: int = 500) -> dict:
     """Measured size of the LLM scorer's prompt for K candidates (characters; tokens only as chars / 4)."""
     from dragonrec.scorers.openai_compat import LLMSettings, build_messages
 
@@ -53,7 +53,7 @@ def prompt_size(rag: RAGRecommender, cases: EvalCases, k: int = 20, n_cases: int
     for b in range(min(n_cases, len(cases))):
         items = rag.candidates([cases.histories[b]], [cases.actions[b]], k=k)[0]
         items = items[items >= 0]
-        req = rag._request(cases.histories[b], cases.actions[b], items, np.zeros(len(items), np.float32))
+        req = rag._request(cases.histories[b], cases.actions[b], items, np.zeros(len(items), np.float32), None)
         chars.append(sum(len(m["content"]) for m in build_messages(req, settings)))
     mean = float(np.mean(chars))
     est_tokens = mean / 4
@@ -93,7 +93,7 @@ def main() -> None:
         if half_life is not None and half_life <= 1.0 and max_history == 50:
             continue  # 0.5**(5/half_life) <= 3 %: the window no longer matters
         q = QueryConfig(half_life=half_life, max_history=max_history)
-        rag = RAGRecommender(RAGConfig(query=q)).fit(split.train, ds.catalog, item_vectors=vectors)
+        rag = RAGPipeline(RAGConfig(query=q)).fit(split.train, ds.catalog, item_vectors=vectors)
         r = evaluate_cases(rag, tune)
         row = {"half_life": half_life, "max_history": max_history, **brief(r),
                **retrieval_recall(rag, tune, ks=(50,))}
@@ -105,7 +105,7 @@ def main() -> None:
                         "criterion": "valid ndcg@10 (retrieval order alone)"}
 
     # 2. retrieval recall@K: the ceiling of any scorer that re-ranks K candidates
-    rag = RAGRecommender(RAGConfig(query=query)).fit(split.train, ds.catalog, item_vectors=vectors)
+    rag = RAGPipeline(RAGConfig(query=query)).fit(split.train, ds.catalog, item_vectors=vectors)
     report["retrieval_recall"] = {"valid": retrieval_recall(rag, split.valid), "test": retrieval_recall(rag, split.test)}
     print("recall", report["retrieval_recall"])
     report["llm_prompt_size"] = prompt_size(rag, split.valid)
@@ -118,7 +118,7 @@ def main() -> None:
     runs = {}
     t = time.perf_counter()
     res = evaluate_split(rag, split)
-    runs["rag_retrieval_only"] = {"k": rag.cfg.k, "valid": brief(res["valid"]), "test": brief(res["test"]),
+    runs["rag_retrieval_only"] = {"k": rag.rag_cfg.k, "valid": brief(res["valid"]), "test": brief(res["test"]),
                                   "test_cold_user": brief({"metrics": res["test"]["slices"]["cold_user"]}),
                                   "beyond": res["test"]["beyond"], "seconds": round(time.perf_counter() - t, 1)}
     print("rag_retrieval_only", runs["rag_retrieval_only"])
@@ -133,12 +133,12 @@ def main() -> None:
         # K for the scorer chosen on validation
         by_k = {}
         for k in (20, 50, 100, 200, 500):
-            r = RAGRecommender(RAGConfig(k=k, query=query), scorer=ModelScorer(base)).fit(
+            r = RAGPipeline(RAGConfig(k=k, query=query), scorer=ModelScorer(base)).fit(
                 split.train, ds.catalog, item_vectors=vectors)
             by_k[k] = brief(evaluate_cases(r, tune))
             print(f"rag+{name} k={k} valid", by_k[k])
         k_best = max(by_k, key=lambda k: by_k[k]["ndcg@10"])
-        r = RAGRecommender(RAGConfig(k=k_best, query=query), scorer=ModelScorer(base)).fit(
+        r = RAGPipeline(RAGConfig(k=k_best, query=query), scorer=ModelScorer(base)).fit(
             split.train, ds.catalog, item_vectors=vectors)
         t = time.perf_counter()
         res = evaluate_split(r, split)

@@ -20,9 +20,9 @@ from dragonrec.embed import HashEmbedder
 from dragonrec.evaluate import evaluate_cases
 from dragonrec.evaluate.candidates import candidate_recall, scale_quotas
 from dragonrec.pipeline import Pipeline, PipelineConfig, Reranker
+from dragonrec.rag import RAGConfig, RAGPipeline
 from dragonrec.recommenders.base import top_n
 from dragonrec.recommenders.cooccurrence import CooccurrenceConfig, CooccurrenceRecommender
-from dragonrec.recommenders.rag import RAGConfig, RAGRecommender
 from dragonrec.scorers.base import Scorer, ScoreResult
 from dragonrec.scorers.model import ModelScorer
 
@@ -277,7 +277,8 @@ def test_built_from_config_alone_fits_the_model_once_for_source_and_scorer(chain
 def test_rag_preset_ranks_like_the_rag_recommender(chain):
     ds, split = chain
     cooc = CooccurrenceRecommender().fit(split.train, ds.catalog)
-    rag = RAGRecommender(RAGConfig(k=5), scorer=ModelScorer(cooc), embedder=HashEmbedder()).fit(split.train, ds.catalog)
+    rag = RAGPipeline(RAGConfig(k=5), scorer=ModelScorer(cooc), embedder=HashEmbedder()).fit(split.train, ds.catalog)
+    assert rag.cfg == PipelineConfig.rag(k=5, scorer="none", dense=NO_CACHE, scorer_history=20)
     pipe = Pipeline(PipelineConfig.rag(k=5, scorer="none", dense=NO_CACHE), scorer=ModelScorer(cooc),
                     embedder=HashEmbedder()).fit(split.train, ds.catalog)
     hs, acts = split.test.histories[:20], split.test.actions[:20]

@@ -1,4 +1,4 @@
-"""The RAG recommender end to end on a tiny catalog with obvious neighbours (fake embedder, no model load)."""
+"""The RAG pipeline (dragonrec.rag) end to end on a tiny catalog with obvious neighbours (fake embedder, no model load)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from dragonrec.data import Catalog, leave_one_out
 from dragonrec.embed import HashEmbedder
 from dragonrec.evaluate import evaluate_cases
-from dragonrec.recommenders.rag import CANDIDATE_BASE, RAGConfig, RAGRecommender
+from dragonrec.rag import RAGConfig, RAGPipeline
 from dragonrec.scorers.base import Scorer, ScoreResult
 from dragonrec.scorers.model import ModelScorer
 
@@ -43,7 +43,7 @@ def tiny_events(cat: Catalog) -> pd.DataFrame:
 @pytest.fixture
 def fitted():
     cat = tiny_catalog()
-    rag = RAGRecommender(RAGConfig(k=3), embedder=HashEmbedder()).fit(tiny_events(cat), cat)
+    rag = RAGPipeline(RAGConfig(k=3), embedder=HashEmbedder()).fit(tiny_events(cat), cat)
     return rag, cat
 
 
@@ -54,7 +54,7 @@ def test_score_puts_same_topic_candidates_above_everything(fitted):
     assert s.shape == (len(cat),) and s.dtype == np.float32
     top = np.argsort(-s)[:3]
     assert {cat.item_ids[i] for i in top} == {"lips1", "lips2", "lips3"}
-    assert (s[top] >= CANDIDATE_BASE).all() and (np.delete(s, top) <= 1.0 + 1e-5).all()
+    assert s[top].min() > 1.0 + 1e-5 >= np.delete(s, top).max()  # candidates above every similarity
     # below the candidates, the retrieval similarity keeps its order
     rest = np.delete(np.arange(len(cat)), top)
     sims = rag.item_vectors[rest] @ rag.item_vectors[hist[0]]
@@ -84,7 +84,7 @@ def test_recommend_for_returns_reasons_timings_and_excludes_history(fitted):
     rec = rag.recommend_for(hist, ["view", "purchase"], n=2)
     assert len(rec.items) == 2 and all(i.startswith("hair") for i in rec.items)
     assert not set(rec.indices) & set(hist) and rec.source == "history" and not rec.degraded
-    assert {"query_s", "retrieve_s", "score_s", "total_s"} <= set(rec.timings)
+    assert {"candidates_s", "score_s", "rerank_s", "total_s"} <= set(rec.timings)
     with pytest.raises(ValueError, match="outside the catalog"):
         rag.recommend_for([999])
 
@@ -106,9 +106,9 @@ def test_failing_scorer_degrades_to_retrieval_order(fitted):
 
 def test_cold_start_from_preferences_then_popularity(fitted):
     rag, cat = fitted
-    rec = rag.recommend_for([], preferences={"text": "pink nail polish"}, n=2)
+    rec = rag.recommend_for([], context={"preferences": {"text": "pink nail polish"}}, n=2)
     assert rec.source == "preferences" and all(i.startswith("nails") for i in rec.items)
-    rec = rag.recommend_for([], preferences="argan hair", n=2)
+    rec = rag.recommend_for([], context={"preferences": "argan hair"}, n=2)
     assert all(i.startswith("hair") for i in rec.items)
     cold = rag.recommend_for([], n=3)
     assert cold.source == "cold_start" and cold.items[0].startswith("hair")  # the most popular topic
@@ -125,7 +125,7 @@ def test_own_model_scorer_and_evaluation_run_end_to_end():
     from dragonrec.recommenders.popularity import PopularityRecommender
 
     pop = PopularityRecommender().fit(split.train, cat)
-    rag = RAGRecommender(RAGConfig(k=4), scorer=ModelScorer(pop), embedder=HashEmbedder()).fit(split.train, cat)
+    rag = RAGPipeline(RAGConfig(k=4), scorer=ModelScorer(pop), embedder=HashEmbedder()).fit(split.train, cat)
     res = evaluate_cases(rag, split.test, train=split.train)
     # every target is a same-topic item: retrieval finds it in the top 3 of 4 candidates after the history
     assert res["metrics"]["hr@5"] == 1.0
@@ -134,11 +134,11 @@ def test_own_model_scorer_and_evaluation_run_end_to_end():
 def test_save_and_load_give_the_same_scores(fitted, tmp_path):
     rag, cat = fitted
     rag.save(tmp_path / "rag")
-    back = RAGRecommender.load(tmp_path / "rag", cat, embedder=HashEmbedder())
+    back = RAGPipeline.load(tmp_path / "rag", cat, embedder=HashEmbedder())
     h = [np.array([0, 5]), np.zeros(0, np.int64)]
     np.testing.assert_array_equal(back.score(h), rag.score(h))
     with pytest.raises(ValueError, match="rebuild"):
-        RAGRecommender.load(tmp_path / "rag", cat, embedder=HashEmbedder(name="other"))
+        RAGPipeline.load(tmp_path / "rag", cat, embedder=HashEmbedder(name="other"))
 
 
 def test_catalog_update_embeds_only_changes_and_new_items_are_found(fitted):
@@ -160,9 +160,45 @@ def test_catalog_update_embeds_only_changes_and_new_items_are_found(fitted):
     # the new item has no popularity yet: the cold-start list explores it
     assert new_cat.index_of("lips9") in rag.cold.explore_pool
     # and the updated index answers like a rebuilt one
-    rebuilt = RAGRecommender(RAGConfig(k=3), embedder=HashEmbedder()).fit(tiny_events(cat), new_cat)
+    rebuilt = RAGPipeline(RAGConfig(k=3), embedder=HashEmbedder()).fit(tiny_events(cat), new_cat)
     h = [np.array([new_cat.index_of("hair1")])]
     np.testing.assert_array_equal(np.argsort(-rag.score(h)[0])[:3], np.argsort(-rebuilt.score(h)[0])[:3])
+
+
+def test_candidates_cold_seed_and_usage(fitted):
+    rag, cat = fitted
+    c = rag.candidates([np.array([cat.index_of("lips0")]), np.zeros(0, np.int64)])
+    assert c.shape == (2, 3) and {cat.item_ids[i] for i in c[0]} == {"lips1", "lips2", "lips3"}
+    assert c[1].tolist() == rag.cold.ranking()[:3].tolist()  # no signal: the cold-start list
+    assert rag.candidates([np.array([0])], k=5).shape == (1, 5)
+    # a request's seed picks the exploration order of the cold-start list
+    for seed in (None, 1, 2):
+        assert rag.recommend_for([], n=len(cat), seed=seed).indices == rag.cold.ranking(seed=seed).tolist()
+    from dragonrec.recommenders.popularity import PopularityRecommender
+
+    rag.scorer = ModelScorer(PopularityRecommender().fit(tiny_events(cat), cat))
+    rec = rag.recommend_for([cat.index_of("hair0")], n=3)
+    assert rec.usage.requests == 1 and rec.reasons == ["ranked by popularity"] * 3 and len(rec.scores) == 3
+    rag.score([np.array([0]), np.array([5])])
+    assert rag.last_usage.requests == 2 and rag.stats()["scorer"] == "model:popularity"
+
+
+def test_a_pipeline_with_a_model_source_refuses_a_catalog_update(fitted):
+    from dragonrec.pipeline import Pipeline, PipelineConfig
+    from dragonrec.recommenders.popularity import PopularityRecommender
+
+    _, cat = fitted
+    pop = PopularityRecommender().fit(tiny_events(cat), cat)
+    pipe = Pipeline(PipelineConfig(sources={"dense": 3, "popularity": 2}, model="popularity", scorer="none",
+                                   rest="dense"), model=pop, embedder=HashEmbedder()).fit(tiny_events(cat), cat)
+    smaller = Catalog(cat.items[cat.items["item_id"] != "lips3"].reset_index(drop=True))
+    assert pipe.update_catalog(smaller) == {"added": 0, "removed": 1, "changed": 0}  # dense + popularity follow
+    assert len(pipe.sources["popularity"].popularity) == len(smaller) == len(pipe.cold.popularity)
+    pipe = Pipeline(PipelineConfig(sources={"dense": 3, "model": 2}, model="popularity", scorer="none"),
+                    model=pop, embedder=HashEmbedder()).fit(tiny_events(cat), cat)
+    with pytest.raises(ValueError, match="source 'model' cannot follow"):
+        pipe.update_catalog(smaller)
+    assert pipe.catalog is cat and len(pipe.sources["dense"].index) == len(cat)  # nothing was changed
 
 
 class _FlakyScorer(Scorer):
@@ -194,7 +230,7 @@ def _write_tiny(tmp_path):
 def test_a_failing_scorer_shows_in_the_report(tmp_path, fail_all):
     from dragonrec.evaluate.experiment import run_evaluation
 
-    rag = RAGRecommender(RAGConfig(k=3), scorer=_FlakyScorer(fail_all), embedder=HashEmbedder())
+    rag = RAGPipeline(RAGConfig(k=3), scorer=_FlakyScorer(fail_all), embedder=HashEmbedder())
     report = run_evaluation(_write_tiny(tmp_path), None, model=rag, quiet=True)
     deg = report["test_degradation"]
     assert deg["scorer"] == "flaky" and deg["requests"] == report["test"]["cases"] > 0

@@ -6,10 +6,13 @@ is what we serve.
     pipe = Pipeline(PipelineConfig.union(), model=fitted_generative).fit(split.train, catalog)
     scores = pipe.score(histories, actions)      # [B, n_catalog] float32, for evaluate_cases
     recs = pipe.recommend_for(history, actions, n=10, context={"cart": ["B00X"], "preferences": "vegan"})
+    recs.items, recs.scores, recs.reasons, recs.source, recs.degraded, recs.timings, recs.usage
     pipe.stats()                                  # requests, cold, scored, degraded and why; reset_stats()
+    pipe.update_catalog(new_catalog)              # sources follow a changed catalog without a refit
 
     dragonrec evaluate --data DIR --recommender pipeline --set 'sources={"dense": 500}' --set rest=dense \
-        --set scorer=model:cooccurrence          # the RAG baseline as a pipeline
+        --set scorer=model:cooccurrence          # the RAG baseline as a pipeline (`--recommender rag`:
+                                                 # the same with the RAG settings, dragonrec.rag)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dragonrec.candidates.sources import (
     DenseSource,
     ModelSource,
     PopularitySource,
+    remap_by_id,
     union_candidates,
 )
 from dragonrec.data.catalog import Catalog
@@ -42,7 +46,7 @@ from dragonrec.embed import Embedder
 from dragonrec.recommenders import build
 from dragonrec.recommenders.base import Recommender
 from dragonrec.schema import Action, parse_action, positive_mask
-from dragonrec.scorers.base import ItemView, Scorer, ScoreRequest, ScoreResult
+from dragonrec.scorers.base import ItemView, Scorer, ScoreRequest, ScoreResult, Usage
 from dragonrec.text import catalog_texts
 
 DEFAULT_QUOTAS: dict[str, int] = {"dense": 100, "cooccurrence": 100, "model": 100, "popularity": 50}
@@ -137,15 +141,38 @@ class Recommended:
 
 
 class Recommendations(list):
-    """A list of `Recommended`, best first, plus how the request went (degraded scorer, timings)."""
+    """A list of `Recommended`, best first, plus how the request went: `source` (what the list was drawn
+    from: "history", "preferences", "history+preferences" or "cold_start"), a degraded scorer and why,
+    seconds per stage, the scorer's usage (requests, tokens, cost). `items`, `indices`, `scores` and
+    `reasons` are the columns of the list."""
 
-    def __init__(self, items: Iterable[Recommended] = (), *, cold: bool = False, degraded: bool = False,
-                 degraded_reason: str | None = None, timings: dict[str, float] | None = None):
+    def __init__(self, items: Iterable[Recommended] = (), *, cold: bool = False, source: str | None = None,
+                 degraded: bool = False, degraded_reason: str | None = None,
+                 timings: dict[str, float] | None = None, usage: Usage | None = None):
         super().__init__(items)
         self.cold = cold
+        self.source = source or ("cold_start" if cold else "history")
         self.degraded = degraded
         self.degraded_reason = degraded_reason
         self.timings = timings or {}
+        self.usage = usage or Usage()
+
+    @property
+    def items(self) -> list[str]:
+        """Item ids, best first."""
+        return [r.item_id for r in self]
+
+    @property
+    def indices(self) -> list[int]:
+        return [r.idx for r in self]
+
+    @property
+    def scores(self) -> list[float]:
+        return [r.score for r in self]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r.reason for r in self]
 
 
 class Reranker:
@@ -185,6 +212,7 @@ class _Ranked:
     reasons: list[str | None] | None  # the scorer's reasons, aligned with items
     degraded: bool = False
     degraded_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
 
     @property
     def cold(self) -> bool:
@@ -211,6 +239,7 @@ class Pipeline(Recommender):
         self.embedder = embedder
         self.reranker = reranker or Reranker()
         self.counters = PipelineStats()
+        self.last_usage = Usage()  # the scorer's usage over the latest score() call
         self._lock = threading.Lock()
         self._texts: list[str] | None = None
 
@@ -271,15 +300,39 @@ class Pipeline(Recommender):
             # "model" and "model:<cfg.model>" are the pipeline's model; another name shares a source's fit
             name = arg or self.cfg.model
             return ModelScorer(recommender(name, "model" if name == self.cfg.model else name))
-        from dragonrec.recommenders.rag import make_scorer  # openai, hf:DIR
+        return make_scorer(spec, train, catalog, valid)  # openai, hf:DIR
 
-        return make_scorer(spec, train, catalog, valid)
+    def update_catalog(self, catalog: Catalog) -> dict[str, int]:
+        """Follow a changed catalog without a refit: every source follows it (dense retrieval embeds only new
+        or edited item texts and updates its index in place), items keep their popularity and new items join
+        the cold-start exploration pool. Returns counts of added, removed and changed (edited) items.
+
+        A part backed by a fitted model (a model source, a model scorer) scores by the old catalog's indices
+        and cannot follow: refit the pipeline then (nothing is changed)."""
+        stuck = [f"source {k!r}" for k, s in self.sources.items() if not s.follows_catalog]
+        scorer_model = getattr(self.scorer, "model", None)
+        old_cat = getattr(scorer_model, "catalog", None)
+        if old_cat is not None and list(old_cat.item_ids) != list(catalog.item_ids):
+            stuck.append(f"scorer {getattr(self.scorer, 'name', 'model')}")
+        if stuck:
+            raise ValueError(f"{', '.join(stuck)} cannot follow a catalog change: refit the pipeline")
+        old_ids, new_ids = self.catalog.item_ids.tolist(), catalog.item_ids.tolist()
+        changed = max([s.update_catalog(catalog).get("changed", 0) for s in self.sources.values()], default=0)
+        old, new = set(old_ids), set(new_ids)
+        was_explore = {old_ids[i] for i in self.cold.explore_pool}
+        self.cold.popularity = remap_by_id(self.cold.popularity, old_ids, new_ids)
+        self.cold.explore_pool = np.asarray([j for j, i in enumerate(new_ids) if i not in old or i in was_explore],
+                                            dtype=np.int64)
+        self.catalog, self._texts, self._cold_scores = catalog, None, self.cold.scores()
+        return {"added": len(new - old), "removed": len(old - new), "changed": changed}
 
     # -- counters -----------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Requests, cold, scored and degraded counts since the last reset, and the commonest degraded reasons."""
+        """The scorer's name; requests, cold, scored and degraded counts since the last reset, and the
+        commonest degraded reasons."""
+        scorer = "none" if self.scorer is None else getattr(self.scorer, "name", type(self.scorer).__name__)
         with self._lock:
-            return self.counters.as_dict()
+            return {"scorer": scorer, **self.counters.as_dict()}
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -388,7 +441,8 @@ class Pipeline(Recommender):
         keep = self.reranker.rerank(items, shown[order], banned)
         return _Ranked(items[keep], shown[order][keep].astype(np.float64), union.primary[i, pos][keep],
                        union.ranks[i, pos][keep], None if reasons is None else [reasons[j] for j in keep],
-                       res is not None and res.degraded, None if res is None else res.degraded_reason)
+                       res is not None and res.degraded, None if res is None else res.degraded_reason,
+                       Usage() if res is None else res.usage)
 
     @property
     def texts(self) -> list[str]:
@@ -406,7 +460,9 @@ class Pipeline(Recommender):
         banned = [h if self.cfg.exclude_history else np.zeros(0, np.int64) for h in histories]
         ranked, rest = self._rank(histories, None if actions is None else list(actions), banned)
         out = np.full((len(histories), len(self.catalog)), -np.inf, dtype=np.float32) if rest is None else rest
+        self.last_usage = Usage()
         for b, r in enumerate(ranked):
+            self.last_usage += r.usage
             if r.cold:
                 out[b] = self._cold_scores
                 continue
@@ -423,12 +479,39 @@ class Pipeline(Recommender):
         return [r.idx for r in self.recommend_for(history, actions, n, context, exclude=exclude,
                                                   exclude_history=exclude_history)]
 
+    def candidates(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None,
+                   k: int | None = None) -> np.ndarray:
+        """[B, k] catalog indices before scoring, in fused retrieval order (-1 pads): the union of the sources'
+        candidates, each source proposing its quota (k each when k is given; k defaults to the quotas' sum).
+        Users without any positive signal (or with no candidate) get the cold-start list, history excluded."""
+        histories = [np.asarray(h, dtype=np.int64) for h in histories]
+        quotas = dict(self.cfg.sources) if k is None else dict.fromkeys(self.cfg.sources, k)
+        k = k or sum(quotas.values())
+        out = np.full((len(histories), k), -1, dtype=np.int64)
+        warm = [b for b, h in enumerate(histories) if _has_signal(h, None if actions is None else actions[b], None)]
+        if warm:
+            h = [histories[b] for b in warm]
+            a = None if actions is None else [actions[b] for b in warm]
+            ex = [x if self.cfg.exclude_history else np.zeros(0, np.int64) for x in h]
+            union = union_candidates({s: self.sources[s].candidates(h, a, q, ex) for s, q in quotas.items()},
+                                     quotas, self.cfg.fusion_k)
+            m = min(k, union.items.shape[1])
+            out[warm, :m] = union.items[:, :m]
+        cold = None
+        for b in np.flatnonzero((out < 0).all(axis=1)):
+            cold = self.cold.ranking() if cold is None else cold
+            rank = cold[~np.isin(cold, histories[b])][:k]
+            out[b, :len(rank)] = rank
+        return out
+
     # -- online -------------------------------------------------------------------------------------------
     def recommend_for(self, history: Sequence[int] | np.ndarray = (), actions: Sequence[str] | None = None,
                       n: int = 10, context: RequestContext | dict | None = None,
-                      exclude: Iterable[int] | None = None, exclude_history: bool | None = None) -> Recommendations:
+                      exclude: Iterable[int] | None = None, exclude_history: bool | None = None,
+                      seed: int | None = None) -> Recommendations:
         """One request: history (catalog indices, oldest first) + actions (any known spelling) + context ->
-        the top n, each with score, source and reason. `exclude` (catalog indices) adds to context.exclude."""
+        the top n, each with score, source and reason. `exclude` (catalog indices) adds to context.exclude;
+        `seed` varies the cold-start list's exploration order (default: the configured seed)."""
         t0 = time.perf_counter()
         ctx = context if isinstance(context, RequestContext) else RequestContext.model_validate(context or {})
         history = np.asarray(history, dtype=np.int64)
@@ -459,8 +542,11 @@ class Pipeline(Recommender):
                                   None if prefs is None else [prefs], timings)
         r = ranked[0]
         if r.cold:
-            out = self._cold_list(banned, n)
+            out = self._cold_list(banned, n, seed)
+            source = "cold_start"
         else:
+            source = "+".join(s for s, on in (("history", _has_signal(history, acts, None)),
+                                               ("preferences", prefs is not None)) if on)
             names = self.sources_names
             out = [self._recommended(int(r.items[j]), float(r.scores[j]), names[r.primary[j]],
                                      tuple(names[s] for s in np.flatnonzero(r.ranks[j])),
@@ -468,8 +554,8 @@ class Pipeline(Recommender):
             if len(out) < n and rest is not None:
                 out += self._rest_list(rest[0], np.concatenate([banned, r.items]), n - len(out))
         timings["total_s"] = time.perf_counter() - t0
-        return Recommendations(out, cold=r.cold, degraded=r.degraded, degraded_reason=r.degraded_reason,
-                               timings=timings)
+        return Recommendations(out, cold=r.cold, source=source, degraded=r.degraded,
+                               degraded_reason=r.degraded_reason, timings=timings, usage=r.usage)
 
     @property
     def sources_names(self) -> list[str]:
@@ -487,11 +573,12 @@ class Pipeline(Recommender):
                 reason += f" (also from {', '.join(others)})"
         return Recommended(str(self.catalog.item_ids[idx]), idx, score, source, reason, sources)
 
-    def _cold_list(self, banned: np.ndarray, n: int) -> list[Recommended]:
-        rank = self.cold.ranking()
+    def _cold_list(self, banned: np.ndarray, n: int, seed: int | None = None) -> list[Recommended]:
+        rank = self.cold.ranking(seed=seed)
+        scores = self._cold_scores if seed is None else self.cold.scores(seed=seed)
         rank = rank[~np.isin(rank, banned)][:n]
         popular = self.cold.popularity[rank] > self.cfg.cold_start.rare_max_users
-        return [self._recommended(int(i), float(self._cold_scores[i]), "popularity" if p else "cold_start",
+        return [self._recommended(int(i), float(scores[i]), "popularity" if p else "cold_start",
                                   (), None) for i, p in zip(rank, popular)]
 
     def _rest_list(self, rest: np.ndarray, skip: np.ndarray, n: int) -> list[Recommended]:
@@ -500,6 +587,29 @@ class Pipeline(Recommender):
         idx = np.flatnonzero(np.isfinite(s))
         idx = idx[np.lexsort((idx, -s[idx]))][:n]
         return [self._recommended(int(i), float(s[i]), self.cfg.rest, (), None) for i in idx]
+
+
+def make_scorer(spec: str, train: pd.DataFrame, catalog: Catalog, valid=None) -> Scorer | None:
+    """The scorer a spec names: 'none' (retrieval order), 'openai' (DRAGONREC_LLM_* settings), 'hf:MODEL_DIR'
+    (a local causal LM) or 'model:NAME' (a dragonrec recommender, fitted here on `train`)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "none":
+        return None
+    if kind == "openai":
+        from dragonrec.scorers.openai_compat import LLMSettings, OpenAIScorer
+
+        return OpenAIScorer(LLMSettings())
+    if kind == "hf" and arg:
+        from dragonrec.scorers.hf_local import HFLocalScorer, HFScorerConfig
+
+        return HFLocalScorer(HFScorerConfig(model_dir=arg))
+    if kind == "model" and arg:
+        from dragonrec.scorers.model import ModelScorer
+
+        if arg in ("pipeline", "rag"):
+            raise ValueError(f"a scorer cannot be another pipeline ({arg!r})")
+        return ModelScorer(build(arg).fit(train, catalog, valid=valid))
+    raise ValueError(f"unknown scorer {spec!r}: use none, openai, hf:MODEL_DIR or model:NAME")
 
 
 def _part_key(name: str, overrides: dict | None) -> tuple[str, str]:
@@ -516,4 +626,4 @@ def _has_signal(history: np.ndarray, actions, prefs: Preferences | None) -> bool
 
 
 __all__ = ["DEFAULT_QUOTAS", "Pipeline", "PipelineConfig", "PipelineStats", "Recommendations", "Recommended",
-           "RequestContext", "Reranker"]
+           "RequestContext", "Reranker", "make_scorer"]

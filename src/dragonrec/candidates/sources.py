@@ -3,6 +3,8 @@
     dense = DenseSource(DenseConfig(cache_dir=".cache/embeddings")).fit(train, catalog)
     cands = dense.candidates(histories, actions, k=100, exclude=histories)    # items [B, k] (-1 pads), scores
     union = union_candidates({"dense": cands, "model": model_cands}, {"dense": 100, "model": 100})
+    dense.update_catalog(new_catalog)   # embeds only new/edited item texts, updates the index in place
+    dense.save(path); DenseSource.load(path, catalog, embedder)
 
 A model-backed source takes any fitted object with `.score(histories, actions) -> [B, n_catalog]` (every
 dragonrec Recommender has it), so this module never imports `dragonrec.recommenders`.
@@ -13,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Self
 
 import numpy as np
@@ -23,9 +26,9 @@ from dragonrec.candidates.dense import Candidates, DenseRetriever
 from dragonrec.candidates.query import Preferences, QueryConfig, preference_vector, query_vector
 from dragonrec.data.catalog import Catalog
 from dragonrec.data.stats import item_popularity
-from dragonrec.embed import Embedder, default_embedder, embed_catalog
+from dragonrec.embed import Embedder, default_embedder, embed_catalog, embed_texts
 from dragonrec.index import IndexConfig, VectorIndex
-from dragonrec.text import TextTemplate
+from dragonrec.text import TextTemplate, catalog_texts
 
 
 class ScoresItems(Protocol):
@@ -61,6 +64,29 @@ class CandidateSource(ABC):
         `scores()` for the same rows when the caller already has them (saves a second model pass)."""
         full = self.scores(histories, actions, preferences) if scores is None else scores
         return top_k(full, k, exclude)
+
+    def update_catalog(self, catalog: Catalog) -> dict[str, int]:
+        """Follow a changed catalog (items added, removed, edited) without a refit; returns counts of what the
+        source redid (e.g. {"changed": n} re-embedded items). A source whose state cannot follow (a fitted
+        model's scores are by the old catalog's indices) raises; refit it instead."""
+        raise NotImplementedError(f"the {self.name!r} source cannot follow a catalog change: refit it")
+
+    @property
+    def follows_catalog(self) -> bool:
+        """Whether `update_catalog` is implemented (checked before any source is changed)."""
+        return type(self).update_catalog is not CandidateSource.update_catalog
+
+
+def remap_by_id(values: np.ndarray, old_ids: Sequence[str], new_ids: Sequence[str], fill: float = 0.0) -> np.ndarray:
+    """Per-item `values` (aligned with `old_ids`) re-aligned with `new_ids`; new items get `fill`."""
+    values = np.asarray(values)
+    pos = {item_id: i for i, item_id in enumerate(old_ids)}
+    out = np.full((len(new_ids), *values.shape[1:]), fill, dtype=values.dtype)
+    pairs = [(j, pos[i]) for j, i in enumerate(new_ids) if i in pos]
+    if pairs:
+        new_pos, old_pos = map(list, zip(*pairs))
+        out[new_pos] = values[old_pos]
+    return out
 
 
 def top_k(scores: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None) -> Candidates:
@@ -125,7 +151,15 @@ class PopularitySource(CandidateSource):
     def fit(self, train: pd.DataFrame, catalog: Catalog) -> Self:
         super().fit(train, catalog)
         self.popularity = item_popularity(train, len(catalog), self.distinct_users, self.half_life_days)
+        self.item_ids = catalog.item_ids.tolist()
         return self
+
+    def update_catalog(self, catalog: Catalog) -> dict[str, int]:
+        """Items keep their counts; new items start at zero."""
+        new_ids = catalog.item_ids.tolist()
+        self.popularity = remap_by_id(self.popularity, self.item_ids, new_ids)
+        self.item_ids, self.n_items = new_ids, len(catalog)
+        return {}
 
     def scores(self, histories, actions=None, preferences=None) -> np.ndarray:
         row = np.log1p(self.popularity).astype(np.float32)
@@ -166,9 +200,61 @@ class DenseSource(CandidateSource):
             self.item_vectors = embed_catalog(catalog, cache_dir=self.cfg.cache_dir, template=self.cfg.template,
                                               embedder=self.embedder)
         self.item_vectors = np.ascontiguousarray(self.item_vectors, dtype=np.float32)
-        ids = catalog.item_ids.tolist()
-        self.index = VectorIndex.build(self.item_vectors, ids, model=self.embedder.name, cfg=self.cfg.index)
-        self.retriever = DenseRetriever(self.index, ids)
+        self.index = VectorIndex.build(self.item_vectors, catalog.item_ids.tolist(), model=self.embedder.name,
+                                       cfg=self.cfg.index)
+        self._attach(catalog)
+        return self
+
+    def _attach(self, catalog: Catalog, texts: list[str] | None = None) -> None:
+        """Point the retriever at `catalog` (the index already holds its items)."""
+        self.catalog, self.n_items, self._texts = catalog, len(catalog), texts
+        self.retriever = DenseRetriever(self.index, catalog.item_ids.tolist())
+
+    def update_catalog(self, catalog: Catalog) -> dict[str, int]:
+        """Follow a changed catalog without rebuilding the index: embed only new or edited item texts (the
+        rest keep their vectors), add new items, remove gone ones, replace edited ones, all in place.
+        Returns counts of added, removed and changed (edited) items."""
+        old_ids, new_ids = self.catalog.item_ids.tolist(), catalog.item_ids.tolist()
+        old_texts = self._texts if self._texts is not None else catalog_texts(self.catalog, self.cfg.template)
+        texts = catalog_texts(catalog, self.cfg.template)
+        old_pos = {item_id: i for i, item_id in enumerate(old_ids)}
+        new_set = set(new_ids)
+        gone = [i for i in old_ids if i not in new_set]
+        redo = [j for j, (i, t) in enumerate(zip(new_ids, texts)) if i not in old_pos or old_texts[old_pos[i]] != t]
+        fresh = embed_texts([texts[j] for j in redo], embedder=self.embedder, cache_dir=self.cfg.cache_dir)
+        if gone:
+            self.index.remove(gone)
+        if redo:
+            self.index.add(fresh, [new_ids[j] for j in redo])  # an id already present is replaced
+        vectors = remap_by_id(self.item_vectors, old_ids, new_ids)
+        vectors[redo] = fresh
+        self.item_vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._attach(catalog, texts)
+        added = sum(i not in old_pos for i in new_ids)
+        return {"added": added, "removed": len(gone), "changed": len(redo) - added}
+
+    def save(self, path: str | Path) -> None:
+        """The index (with its metadata: item ids, embedding model), the item vectors and the config."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.index.save(path / "index")
+        np.save(path / "item_vectors.npy", self.item_vectors)
+        (path / "dense.json").write_text(self.cfg.model_dump_json(indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, catalog: Catalog, embedder: Embedder | None = None,
+             cfg: DenseConfig | None = None) -> Self:
+        """A saved source for `catalog` (the one it was saved with); `cfg` replaces the saved config. The
+        index must have been built with `embedder`'s model (else: rebuild it)."""
+        path = Path(path)
+        if cfg is None:
+            cfg = DenseConfig.model_validate_json((path / "dense.json").read_text())
+        self = cls(cfg, embedder or default_embedder())
+        self.index = VectorIndex.load(path / "index", model=self.embedder.name)
+        self.item_vectors = np.load(path / "item_vectors.npy")
+        if len(self.item_vectors) != len(catalog) or len(self.index) != len(catalog):
+            raise ValueError(f"{path}: saved for a catalog of {len(self.item_vectors)} items, not {len(catalog)}")
+        self._attach(catalog)
         return self
 
     def queries(self, histories, actions=None, preferences=None) -> tuple[np.ndarray, np.ndarray]:
@@ -276,4 +362,4 @@ def union_candidates(per_source: Mapping[str, Candidates], quotas: Mapping[str, 
 
 
 __all__ = ["CandidateSource", "CandidateUnion", "DenseConfig", "DenseSource", "ModelSource", "PopularitySource",
-           "ScoresItems", "top_k", "union_candidates"]
+           "ScoresItems", "remap_by_id", "top_k", "union_candidates"]

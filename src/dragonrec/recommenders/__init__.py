@@ -17,7 +17,7 @@ RECOMMENDERS: dict[str, str] = {
     "cooccurrence": "dragonrec.recommenders.cooccurrence:CooccurrenceRecommender",
     "sasrec": "dragonrec.recommenders.sequential:SequentialRecommender",
     "generative": "dragonrec.recommenders.sequential:GenerativeRecommender",
-    "rag": "dragonrec.recommenders.rag:RAGRecommender",
+    "rag": "dragonrec.rag:RAGPipeline",
     "pretrained-lm": "dragonrec.model.pretrained:PretrainedLMRecommender",
     # The pipeline composes the models above (candidate sources -> scorer -> re-rank); it lives a layer up and
     # is named here, lazily, so that `evaluate --recommender pipeline` builds it like any model.
