@@ -106,3 +106,20 @@ def test_demo_without_training(chain_dir, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary) == {"popularity", "cooccurrence"}
+
+
+def test_pipeline_over_a_saved_model_is_checked_like_the_model(chain_dir, tmp_path):
+    tiny = ["--set", "hidden_size=16", "--set", "num_layers=1", "--set", "max_epochs=2", "--set", "eval_every=1",
+            "--set", "max_minutes=null", "--quiet"]
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["train", "sft", "--data", str(chain_dir), "--out", str(out), "--recommender",
+                               "sasrec", *tiny]).exit_code == 0
+    pipe = ["evaluate", "--data", str(chain_dir), "--recommender", "pipeline", "--quiet",
+            "--set", 'sources={"model": 5, "cooccurrence": 5, "popularity": 2}', "--set", "model=sasrec",
+            "--set", f"model_dir={out / 'model'}"]
+    ok = runner.invoke(app, [*pipe, "--output", str(tmp_path / "p.json")])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["recommender"] == "pipeline" and report["test"]["cases"] == 60
+    refused = runner.invoke(app, [*pipe, "--split", "time"])
+    assert refused.exit_code != 0 and "was trained on" in str(refused.exception)

@@ -67,6 +67,8 @@ class PipelineConfig(BaseModel):
     """Source -> candidates it proposes, in priority order: 'dense', 'popularity', 'model' or a recommender name."""
     model: str = "generative"
     """Recommender behind the 'model' source and the 'model' scorer (fitted here unless one is handed in)."""
+    model_dir: str | None = None
+    """A saved model of that recommender to load instead of fitting one (evaluate checks its provenance)."""
     overrides: dict[str, dict] = Field(default_factory=dict)
     """Config overrides of recommender-backed parts by source name ('model' too): {"cooccurrence": {...}}."""
     scorer: str = "model"
@@ -251,6 +253,12 @@ class Pipeline(Recommender):
         self._texts = None
         # Fitted recommenders by (name, overrides): a model used twice (source and scorer) is fitted once.
         fitted: dict[tuple[str, str], Recommender] = {}
+        if self.model is None and self.cfg.model_dir is not None:
+            from pathlib import Path
+
+            from dragonrec.recommenders import recommender_class
+
+            self.model = recommender_class(self.cfg.model).load(Path(self.cfg.model_dir), catalog)
         if self.model is not None:
             fitted[_part_key(self.cfg.model, self.cfg.overrides.get("model"))] = self.model
 

@@ -75,14 +75,20 @@ def run_evaluation(data: Path | str, recommender: str | None, *, model_dir: Path
     log(console, f"{dataset.name}: {dataset.counts()} | split {sp.name}, ties {ties}: {len(sp.train)} training "
                  f"events, {len(sp.valid)} validation and {len(sp.test)} test cases", quiet)
     t_fit = time.perf_counter()
-    if model_dir is not None:
-        prov = Provenance.load(model_dir)
+    def check_saved(directory) -> None:
+        prov = Provenance.load(directory)
         here = Provenance.of(dataset, sp, split_name=split, seed=seed, ties=ties, config={}, events=events)
         if prov is None or not prov.same_run(here):
-            check_held_out(model_dir, sp, dataset.catalog.item_ids)
+            check_held_out(directory, sp, dataset.catalog.item_ids)
+
+    if model_dir is not None:
+        check_saved(model_dir)
         model = recommender_class(recommender).load(Path(model_dir), dataset.catalog)
     else:
         model = model if model is not None else build(recommender, overrides)
+        part_dir = getattr(getattr(model, "cfg", None), "model_dir", None)  # a pipeline over a saved model
+        if part_dir is not None:
+            check_saved(part_dir)
         if hasattr(model, "cfg") and hasattr(model.cfg, "seed"):
             model.cfg = model.cfg.model_copy(update={"seed": seed})
         if hasattr(model, "cfg") and hasattr(model.cfg, "quiet") and quiet:
