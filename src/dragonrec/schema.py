@@ -162,6 +162,10 @@ class Impression(BaseModel):
     model_version: str | None = None
     pipeline: str | None = None
     timestamp: float | None = None
+    # Per shown item, aligned with item_ids; None where the pipeline did not say.
+    scores: list[float | None] | None = None  # the score that ranked the item
+    sources: list[str | None] | None = None  # the candidate source that proposed it ("dense", ...)
+    propensities: list[float | None] | None = None  # P(item in this slot) under a stochastic policy, for IPS
 
 
 # The canonical columns of the tables that readers produce and every stage consumes.

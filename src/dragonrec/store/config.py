@@ -1,0 +1,27 @@
+"""The store's settings: connection behaviour and what a write accepts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StoreConfig(BaseModel):
+    """How the store connects and what it accepts; defaults suit an embedded SQLite file on a laptop."""
+
+    model_config = ConfigDict(frozen=True)
+
+    busy_timeout_s: float = Field(30.0, ge=0)
+    """SQLite: how long a writer waits for another writer's lock before failing with 'database is locked'."""
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    """SQLite fsync policy. NORMAL with WAL survives a crash of the process; FULL also a power cut."""
+    require_known_request: bool = False
+    """Refuse an event whose request_id names no stored impression. Off by default: a client's events may
+    reach the store before the server's impression does, and refusing them would lose real feedback."""
+    migrate: bool = True
+    """Bring the schema to the latest migration on open (safe with several processes opening at once)."""
+    echo: bool = False
+    """Log every SQL statement (debugging)."""
+    pool_size: int = Field(5, ge=1)
+    """PostgreSQL: connections kept open per process."""

@@ -1,0 +1,57 @@
+"""Database URLs and engines: SQLite (WAL, busy timeout, foreign keys on every connection) or PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from dragonrec.store.config import StoreConfig
+
+
+def normalize_url(url: str | Path) -> str:
+    """A SQLAlchemy URL for a store: a bare path means a SQLite file; `postgresql://` means psycopg 3.
+
+    'feedback.db' -> 'sqlite:///feedback.db'; 'postgresql://u@h/db' -> 'postgresql+psycopg://u@h/db'.
+    """
+    text = str(url)
+    if "://" not in text:
+        return f"sqlite:///{Path(text)}"
+    if text.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + text.split("://", 1)[1]
+    return text
+
+
+def make_engine(url: str | Path, config: StoreConfig | None = None) -> Engine:
+    """An engine for the store at `url`; raises ValueError for a backend the store does not support."""
+    config = config or StoreConfig()
+    url = normalize_url(url)
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        path = make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, echo=config.echo, connect_args={"timeout": config.busy_timeout_s})
+        _configure_sqlite(engine, config)
+        return engine
+    if backend == "postgresql":
+        return create_engine(url, echo=config.echo, pool_size=config.pool_size, pool_pre_ping=True)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH or "
+                     "postgresql+psycopg://USER@HOST/DB")
+
+
+def _configure_sqlite(engine: Engine, config: StoreConfig) -> None:
+    busy_ms = int(config.busy_timeout_s * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        cur = dbapi_connection.cursor()
+        # One writer at a time: the others wait up to the busy timeout instead of failing at once (set
+        # first: switching a new file to WAL needs the lock too). WAL: readers and the writer never block
+        # each other.
+        cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={config.sqlite_synchronous}")
+        cur.execute("PRAGMA foreign_keys=ON")  # SQLite leaves them off unless asked, per connection
+        cur.close()

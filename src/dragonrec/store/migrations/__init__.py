@@ -1,0 +1,1 @@
+"""Alembic migrations of the feedback store, inside the package so that an installed dragonrec migrates."""
