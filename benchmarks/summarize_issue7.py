@@ -26,7 +26,11 @@ def row(label: str, rep: dict | None, time_s: float | None = None) -> str:
     t, s = rep["test"], rep["test_slices"]["same_day"]
     time_s = rep["fit_seconds"] if time_s is None else time_s
     return (f"| {label} | {t['ndcg@10']:.4f} | {t['hr@10']:.4f} | {s['ndcg@10']:.4f} | "
-            f"{other_day(t, s, 'ndcg@10'):.4f} | {_duration(time_s)} |")
+            f"{_other(t, s)} | {_duration(time_s)} |")
+
+
+def _other(t: dict, s: dict) -> str:
+    return "(none)" if t["cases"] == s["cases"] else f"{other_day(t, s, 'ndcg@10'):.4f}"
 
 
 def _duration(seconds: float) -> str:
