@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -51,7 +53,27 @@ def _configure_sqlite(engine: Engine, config: StoreConfig) -> None:
         # first: switching a new file to WAL needs the lock too). WAL: readers and the writer never block
         # each other.
         cur.execute(f"PRAGMA busy_timeout={busy_ms}")
-        cur.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cur, config.busy_timeout_s)
         cur.execute(f"PRAGMA synchronous={config.sqlite_synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")  # SQLite leaves them off unless asked, per connection
         cur.close()
+
+
+def _enable_wal(cur, timeout_s: float) -> None:
+    """Switch the file to WAL (a persistent setting; a no-op once done).
+
+    Switching needs an exclusive lock, and SQLite answers 'database is locked' at once, without the busy
+    handler, when two connections race to switch a new file: retry until the busy timeout has passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
