@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 
 from dragonrec.data.readers import load_dataset
 from dragonrec.data.splits import leave_one_out
@@ -23,7 +22,7 @@ from dragonrec.evaluate.simulator import (
 )
 from dragonrec.recommenders import build
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 
 
 @pytest.fixture(scope="module")

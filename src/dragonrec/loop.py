@@ -1,0 +1,420 @@
+"""The feedback loop: new logs -> rewards -> preference data -> fine-tune -> gate -> promote.
+
+One round (`FeedbackLoop.run_round`):
+
+1. read the impressions and events the store received since the last round (a cursor kept in the loop's
+   state file, advanced only when a round finishes);
+2. score every shown slot (`dragonrec.rewards`) and build preference data (`dragonrec.preferences`);
+3. load the active version (the reference), copy it and fine-tune the copy with the configured method:
+   `sft` (next-item training on the users' histories with their new positive events), `dpo`, `sdpo`
+   (multi-negative) or `pg` (policy gradient against a reward function);
+4. **gate**: the candidate's NDCG@10 on held-out users (cases it never trains on) must be at least
+   (1 - `max_ndcg_drop`) of the active version's, and where the logs carry propensities the off-policy
+   estimate (SNIPS) of its value must beat the logged value (`off_policy`);
+5. promote: register the candidate (parent, method, data window, gate results) and activate it in one
+   registry transaction; a running service picks the new version up on its own (dragonrec.serve).
+
+A round that fails or is interrupted before step 5 registers nothing and leaves the active version and the
+cursor as they were; the next round sees the same logs again. `rollback()` (or `dragonrec models rollback`)
+re-activates the previous version.
+
+    loop = FeedbackLoop(registry, store, catalog, base_events, gate_cases, LoopConfig(method="dpo"))
+    result = loop.run_round()        # RoundResult: promoted / refused / skipped, with every number
+    loop.run(every_s=3600)           # on a schedule; or after_events=10_000
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from dragonrec.data.catalog import Catalog
+from dragonrec.data.splits import EvalCases
+from dragonrec.evaluate.experiment import saved_recommender_name
+from dragonrec.evaluate.runner import evaluate_cases
+from dragonrec.preferences import PreferenceConfig, build_groups, build_pairs, to_records
+from dragonrec.progress import log
+from dragonrec.recommenders import recommender_class
+from dragonrec.recommenders.base import Recommender
+from dragonrec.registry import DataWindow, Registry, RegistryError
+from dragonrec.rewards import RewardConfig, attribute, rewards
+from dragonrec.schema import Impression, positive_mask
+from dragonrec.store import Store
+
+METHODS = ("sft", "dpo", "sdpo", "pg")
+
+
+class GateConfig(BaseModel):
+    """What a candidate must show before it is promoted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_ndcg_drop: float = Field(0.02, ge=0, le=1)  # relative: candidate >= (1 - this) x active, held-out NDCG@10
+    off_policy: Literal["require", "when_logged", "off"] = "when_logged"
+    """`require`: refuse unless the logs carry propensities and SNIPS says the candidate beats the logged value;
+    `when_logged`: that check where propensities were logged, NDCG alone where the serving policy was
+    deterministic (no off-policy estimate exists then); `off`: NDCG alone."""
+    min_ess: float = Field(30.0, ge=0)  # an off-policy estimate with a smaller effective sample size is refused
+    min_gain: float = 0.0  # SNIPS(candidate) - logged value must exceed this
+
+
+class LoopConfig(BaseModel):
+    """One round's recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["sft", "dpo", "sdpo", "pg"] = "dpo"
+    method_config: dict[str, Any] = Field(default_factory=dict)  # fields of the method's config (DPOConfig, ...)
+    min_new_events: int = Field(1, ge=0)  # fewer new events than this: the round is skipped
+    min_records: int = Field(8, ge=1)  # fewer preference pairs / groups / sequences: skipped
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    seed: int = 0
+
+
+@dataclass
+class RoundData:
+    """Everything a method may train on in one round."""
+
+    catalog: Catalog
+    events: pd.DataFrame  # the new events (canonical columns)
+    impressions: list[Impression]
+    slots: pd.DataFrame  # rewarded slots (rewards.rewards)
+    history_events: pd.DataFrame  # base events + every stored event up to this round (for contexts)
+    pairs: pd.DataFrame | None = None
+    groups: pd.DataFrame | None = None
+
+
+@dataclass
+class RoundResult:
+    """What one round did, and why."""
+
+    round_id: str
+    status: Literal["promoted", "refused", "skipped", "failed"]
+    reason: str
+    method: str
+    parent: str | None
+    version: str | None = None  # the registered candidate (promoted rounds only)
+    data: dict[str, Any] = field(default_factory=dict)  # cursor range, counts of events/impressions/records
+    train: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    started: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoopError(RuntimeError):
+    """The loop cannot run: no active version, no store, an unknown method."""
+
+
+# ---------------------------------------------------------------- methods
+
+
+def _sequences(data: RoundData, users: set[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per user with new positive events: every event they have, oldest first (the SFT input)."""
+    ev = data.history_events[data.history_events["user_id"].isin(users)]
+    ev = ev.sort_values(["user_id", "timestamp"], kind="stable")
+    idx = data.catalog.indices(ev["item_id"].astype(str).tolist())
+    ev = ev.assign(item_idx=idx)
+    return [(g["item_idx"].to_numpy(np.int64), g["action"].to_numpy(dtype=object)) for _, g in ev.groupby("user_id")]
+
+
+def train_sft_round(rec: Recommender, data: RoundData, method_config: dict) -> dict:
+    """Supervised re-training on the new interactions: next-item training, starting from the active weights,
+    on the full histories of the users who acted positively this round (old events are replayed, so the
+    model does not forget them)."""
+    from dragonrec.model.trainer import SFTConfig, train_sft
+
+    pos = data.events[positive_mask(data.events["action"].to_numpy(dtype=object))]
+    users = set(pos["user_id"].astype(str))
+    seqs = _sequences(data, users)
+    if not seqs:
+        raise LoopError("no user acted positively this round: nothing to train on")
+    cfg = SFTConfig(**({"lr": 2e-4, "max_epochs": 1, "max_minutes": None, "warmup_steps": 0, "quiet": True,
+                        "label": "loop sft"} | method_config))
+    rec.model.train()
+    result = train_sft(rec.model, rec.tokenizer, seqs, valid=None, cfg=cfg)
+    rec.model.eval()
+    rec._merged = None
+    return {"sequences": len(seqs), "epochs": cfg.max_epochs, "lr": cfg.lr, **result.to_dict()}
+
+
+def _train_preference(method: str, rec: Recommender, data: RoundData, method_config: dict,
+                      reward_fn: Callable | None) -> dict:
+    if method == "dpo":
+        from dragonrec.train.dpo import DPOConfig, train_dpo
+
+        res = train_dpo(rec, to_records(data.pairs), DPOConfig(**method_config))
+    elif method == "sdpo":
+        from dragonrec.train.sdpo import SDPOConfig, train_sdpo
+
+        res = train_sdpo(rec, to_records(data.groups), SDPOConfig(**method_config))
+    elif method == "pg":
+        from dragonrec.train.pg import PGConfig, train_pg
+
+        if reward_fn is None:
+            raise LoopError("the pg method needs a reward function (a reward model or the simulator)")
+        ctx = data.impressions
+        hist = data.history_events
+        histories, actions = [], []
+        for imp in ctx:
+            h = hist[(hist["user_id"] == imp.user_id) & (hist["timestamp"] < (imp.timestamp or np.inf))]
+            histories.append(np.asarray(data.catalog.indices(h["item_id"].astype(str).tolist()), np.int64))
+            actions.append(h["action"].to_numpy(dtype=object))
+        res = train_pg(rec, (histories, actions), reward_fn, PGConfig(**method_config))
+    else:
+        raise LoopError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    return res.to_dict() if hasattr(res, "to_dict") else dict(res)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class FeedbackLoop:
+    """Rounds of learning from the store's logs, promoted through a registry behind a gate."""
+
+    def __init__(self, registry: Registry | str | Path, store: Store, catalog: Catalog, base_events: pd.DataFrame,
+                 gate_cases: EvalCases, cfg: LoopConfig | None = None, state_path: str | Path | None = None,
+                 reward_fn: Callable | None = None, off_policy: Callable | None = None, quiet: bool = False):
+        """`base_events`: the dataset's events (histories before the store's); `gate_cases`: held-out cases
+        (users whose targets no round trains on) for the NDCG gate; `reward_fn(histories, actions, lists)`: the
+        pg method's reward; `off_policy(candidate, rewarded_slots) -> dict(estimate, logged, ess)`: the off-policy
+        gate's estimator (dragonrec.evaluate.off_policy by default)."""
+        self.registry = registry if isinstance(registry, Registry) else Registry(registry)
+        self.store = store
+        self.catalog = catalog
+        self.base_events = base_events
+        self.gate_cases = gate_cases
+        self.cfg = cfg or LoopConfig()
+        self.state_path = Path(state_path) if state_path else self.registry.root / "loop.json"
+        self.reward_fn = reward_fn
+        self.off_policy = off_policy
+        self.quiet = quiet
+        self._lock = threading.Lock()  # one round at a time in this process
+        self._ndcg_cache: dict[str, float] = {}
+        self.running = False
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {"events_cursor": 0, "impressions_cursor": 0, "rounds": []}
+
+    def _save_state(self, state: dict) -> None:
+        tmp = self.state_path.with_name(f".{self.state_path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(state, indent=2, default=float))
+        os.replace(tmp, self.state_path)
+
+    def status(self) -> dict:
+        st = self.state()
+        return {"running": self.running, "active_version": self.registry.active_version(),
+                "method": self.cfg.method, "events_cursor": st["events_cursor"],
+                "impressions_cursor": st["impressions_cursor"], "rounds": len(st["rounds"]),
+                "last_round": st["rounds"][-1] if st["rounds"] else None}
+
+    def rollback(self) -> str:
+        return self.registry.rollback().version
+
+    # --- one round -----------------------------------------------------------------------------------
+
+    def load_active(self) -> tuple[str, Recommender]:
+        active = self.registry.active()
+        if active is None:
+            raise LoopError(f"no active version in {self.registry.root}: train one first (dragonrec train sft "
+                            "--registry ...)")
+        rec = recommender_class(saved_recommender_name(active.path)).load(active.path, self.catalog)
+        return active.version, rec
+
+    def held_out_ndcg(self, rec: Recommender, version: str | None = None) -> float:
+        if version is not None and version in self._ndcg_cache:
+            return self._ndcg_cache[version]
+        value = float(evaluate_cases(rec, self.gate_cases)["metrics"]["ndcg@10"])
+        if version is not None:
+            self._ndcg_cache[version] = value
+        return value
+
+    def collect(self, state: dict) -> tuple[RoundData, dict]:
+        events, ev_cursor = self.store.new_events(after=state["events_cursor"])
+        impressions, imp_cursor = self.store.new_impressions(after=state["impressions_cursor"])
+        slots = rewards(attribute(impressions, events, self.cfg.reward), self.cfg.reward) if impressions else None
+        cols = ["user_id", "item_id", "action", "timestamp", "request_id", "value"]
+        stored = self.store.all_events()
+        history = pd.concat([self.base_events.reindex(columns=cols), stored.reindex(columns=cols)],
+                            ignore_index=True)
+        data = RoundData(self.catalog, events, impressions, slots, history)
+        info = {"events_cursor": [state["events_cursor"], ev_cursor],
+                "impressions_cursor": [state["impressions_cursor"], imp_cursor],
+                "new_events": len(events), "new_impressions": len(impressions)}
+        return data, info
+
+    def run_round(self, fail_after: str | None = None) -> RoundResult:
+        """One round; never leaves a half-promoted version. `fail_after` (tests) raises after a named step."""
+        if not self._lock.acquire(blocking=False):
+            raise LoopError("a round is already running")
+        self.running = True
+        t0 = time.time()
+        state = self.state()
+        rid = f"r{len(state['rounds']) + 1:04d}"
+        method = self.cfg.method
+        parent = self.registry.active_version()
+        result = RoundResult(rid, "failed", "", method, parent, started=t0)
+        try:
+            data, info = self.collect(state)
+            result.data = info
+            if info["new_events"] < self.cfg.min_new_events or data.slots is None:
+                result.status, result.reason = "skipped", (
+                    f"{info['new_events']} new events and {info['new_impressions']} new impressions "
+                    f"(at least {self.cfg.min_new_events} events and one impression needed)")
+                return result
+            n_records = self._prepare(data)
+            result.data["records"] = n_records
+            if n_records < self.cfg.min_records:
+                result.status, result.reason = "skipped", (
+                    f"{n_records} training records for {method} (at least {self.cfg.min_records} needed)")
+                return result
+            _maybe_fail(fail_after, "collect")
+            parent, reference = self.load_active()
+            result.parent = parent
+            candidate = copy.deepcopy(reference)
+            log(None, f"loop {rid}: {method} on {n_records} records from {info['new_events']} events "
+                      f"(parent {parent})", self.quiet)
+            result.train = (train_sft_round(candidate, data, self.cfg.method_config) if method == "sft" else
+                            _train_preference(method, candidate, data, self.cfg.method_config, self.reward_fn))
+            _maybe_fail(fail_after, "train")
+            result.gate = self.gate(reference, parent, candidate, data)
+            _maybe_fail(fail_after, "gate")
+            if not result.gate["passed"]:
+                result.status, result.reason = "refused", result.gate["reason"]
+                return result
+            window = DataWindow.from_events("feedback", data.events)
+            version = self.registry.register(
+                lambda d: candidate.save(d), method=method, parent=parent, data_window=window,
+                metrics={"gate": result.gate, "train": _jsonable(result.train)},
+                config={"loop": self.cfg.model_dump(mode="json"), "round": rid, **result.data}, activate=True)
+            result.version, result.status, result.reason = version.version, "promoted", result.gate["reason"]
+            self._ndcg_cache[version.version] = result.gate["candidate_ndcg@10"]
+            return result
+        except Exception as e:  # the round failed: nothing was promoted, the cursor stays
+            result.status, result.reason = "failed", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            result.seconds = time.time() - t0
+            if result.status in ("promoted", "refused", "skipped"):
+                # Logs a round has judged are consumed (a refused candidate's data is not retried forever).
+                state["events_cursor"] = result.data.get("events_cursor", [0, state["events_cursor"]])[1]
+                state["impressions_cursor"] = result.data.get("impressions_cursor",
+                                                              [0, state["impressions_cursor"]])[1]
+            state["rounds"].append(_jsonable(result.to_dict()))
+            self._save_state(state)
+            log(None, f"loop {rid}: {result.status} ({result.reason}) in {result.seconds:.0f} s", self.quiet)
+            self.running = False
+            self._lock.release()
+
+    def _prepare(self, data: RoundData) -> int:
+        method = self.cfg.method
+        if method == "dpo":
+            data.pairs = build_pairs(data.slots, data.history_events, self.cfg.preference)
+            return len(data.pairs)
+        if method == "sdpo":
+            data.groups = build_groups(data.slots, data.history_events, self.cfg.preference)
+            return len(data.groups)
+        if method == "pg":
+            return len(data.impressions)
+        pos = positive_mask(data.events["action"].to_numpy(dtype=object))
+        return int(data.events.loc[pos, "user_id"].nunique())
+
+    def gate(self, reference: Recommender, ref_version: str, candidate: Recommender, data: RoundData) -> dict:
+        g = self.cfg.gate
+        ref_ndcg = self.held_out_ndcg(reference, ref_version)
+        cand_ndcg = self.held_out_ndcg(candidate)
+        floor = (1.0 - g.max_ndcg_drop) * ref_ndcg
+        out: dict[str, Any] = {"active_ndcg@10": ref_ndcg, "candidate_ndcg@10": cand_ndcg, "ndcg_floor": floor,
+                               "gate_cases": len(self.gate_cases), "ndcg_ok": cand_ndcg >= floor}
+        logged = data.slots["propensity"].notna().any() if "propensity" in data.slots.columns else False
+        ope_needed = g.off_policy == "require" or (g.off_policy == "when_logged" and logged)
+        if ope_needed:
+            if not logged:
+                out.update(ope_ok=False, ope_reason="no logged propensities: the serving policy was deterministic")
+            else:
+                est = (self.off_policy or default_off_policy)(candidate, data)
+                out["off_policy"] = est
+                out["ope_ok"] = bool(est["ess"] >= g.min_ess and est["estimate"] - est["logged"] > g.min_gain)
+                out["ope_reason"] = (f"SNIPS {est['estimate']:.4f} vs logged {est['logged']:.4f} "
+                                     f"(ESS {est['ess']:.0f})")
+        else:
+            out["ope_ok"] = True
+            out["ope_reason"] = "off-policy check off" if g.off_policy == "off" else \
+                "not estimable: no logged propensities (deterministic serving)"
+        out["passed"] = bool(out["ndcg_ok"] and out["ope_ok"])
+        ndcg_text = f"held-out NDCG@10 {cand_ndcg:.4f} vs active {ref_ndcg:.4f} (floor {floor:.4f})"
+        out["reason"] = f"{ndcg_text}; {out['ope_reason']}"
+        return out
+
+    # --- triggers ------------------------------------------------------------------------------------
+
+    def run(self, every_s: float | None = None, after_events: int | None = None, max_rounds: int | None = None,
+            stop: threading.Event | None = None, poll_s: float = 5.0) -> list[RoundResult]:
+        """Rounds on a schedule (`every_s`) or whenever `after_events` new events have arrived (or both: whichever
+        comes first), until `stop` is set or `max_rounds` rounds ran. A failed round is logged and retried at
+        the next trigger."""
+        stop = stop or threading.Event()
+        results: list[RoundResult] = []
+        last = time.time()
+        while not stop.is_set() and (max_rounds is None or len(results) < max_rounds):
+            pending = self.store.counts().events - self.state()["events_cursor"] if after_events else 0
+            due = (every_s is not None and time.time() - last >= every_s) or \
+                  (after_events is not None and pending >= after_events)
+            if due or (every_s is None and after_events is None):
+                last = time.time()
+                try:
+                    results.append(self.run_round())
+                except Exception as e:  # noqa: BLE001 (a failed round must not end the loop)
+                    log(None, f"loop round failed: {type(e).__name__}: {e}", self.quiet)
+                if every_s is None and after_events is None:
+                    break
+            stop.wait(poll_s)
+        return results
+
+
+def default_off_policy(candidate: Recommender, data: RoundData) -> dict:
+    """SNIPS estimate of the candidate's reward per slot from the round's logged propensities."""
+    from dragonrec.evaluate.off_policy import estimate_candidate
+
+    return estimate_candidate(candidate, data.slots, data.impressions, data.history_events, data.catalog)
+
+
+def _maybe_fail(fail_after: str | None, step: str) -> None:
+    if fail_after == step:
+        raise RuntimeError(f"interrupted after {step} (test)")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float | int | str | bool) or x is None:
+        return x
+    return str(x)
+
+
+__all__ = ["FeedbackLoop", "GateConfig", "LoopConfig", "LoopError", "RegistryError", "RoundData", "RoundResult",
+           "train_sft_round"]
