@@ -177,3 +177,22 @@ def test_summarize_seeds():
     s = summarize_seeds([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0
     assert s["ci95"] == pytest.approx(4.303 / np.sqrt(3), rel=1e-3)
+
+
+def test_expected_rewards_match_the_simulated_average(beauty):
+    """The closed-form expected slot reward agrees with the mean of simulated first requests."""
+    catalog, split = beauty
+    users = users_from_split(split)[:400]
+    one = Simulator(catalog, split.train, SimulatorConfig(max_requests=1))
+    policy = _oracle_policy(users, len(catalog), seed=4)
+    lists = policy([u.history for u in users], [u.actions for u in users], 10).items
+    expected = one.expected_rewards(users, lists).sum(axis=1).mean()
+
+    def fixed(histories, actions, n):  # one request per user, all in one batch: the lists above, in order
+        assert len(histories) == len(users)
+        return Lists(lists)
+
+    simulated = [one.run(fixed, users, seed=s).rewarded()["reward"].sum() / len(users) for s in range(8)]
+    assert abs(np.mean(simulated) - expected) < 0.05 * abs(expected) + 0.02, (np.mean(simulated), expected)
+    with pytest.raises(ValueError, match="lists must be"):
+        one.expected_rewards(users, lists[:5])

@@ -316,6 +316,45 @@ class Simulator:
                                              "request_id", "value"])
         return SimLog(impressions, events, {s.user.user_id: s.found for s in sessions}, len(sessions))
 
+    def expected_rewards(self, users: Sequence[SimUser], lists: np.ndarray,
+                         reward: RewardConfig | None = None) -> np.ndarray:
+        """[B, n] the expected reward of each slot of lists[b] shown to users[b] as the first request of a
+        session (their whole future still ahead), under `reward`'s weights with `combine="max"` (the default):
+        the simulator used as an environment, e.g. the reward of a policy-gradient learner. No randomness."""
+        cfg, w = self.cfg, (reward or RewardConfig()).weights
+        lists = np.asarray(lists, dtype=np.int64)
+        if lists.ndim != 2 or len(lists) != len(users):
+            raise ValueError(f"lists must be [len(users), n], got {lists.shape} for {len(users)} users")
+        if (reward or RewardConfig()).combine != "max":
+            raise ValueError("expected_rewards supports combine='max' only")
+        exam = examination(lists.shape[1], cfg.examination)
+        click, cart, buy, scroll = (w[Action.CLICK.value], w[Action.ADD_TO_CART.value], w[Action.PURCHASE.value],
+                                    w[Action.SCROLL_PAST.value])
+        hover = w[Action.HOVER.value]
+        pc, pp = cfg.p_cart_after_click, cfg.p_purchase_after_cart
+        # A browse click: click, then cart (pc), then purchase (pp) or not; the deepest step counts (max).
+        browse = (1 - pc) * click + pc * (pp * max(buy, cart) + (1 - pp) * cart)
+        out = np.zeros(lists.shape, dtype=np.float64)
+        for b, u in enumerate(users):
+            related = set(np.concatenate([self.related.of(int(f)) for f in u.future]).tolist()) \
+                if len(u.future) else set()
+            future = dict(zip(map(int, u.future), map(str, u.future_actions)))
+            for p, item in enumerate(lists[b].tolist()):
+                if item in future:
+                    steps = _FUNNEL.get(future[item], ())
+                    f = cfg.p_follow
+                    depth = [click] + [w[x] for x in steps]  # reward if the funnel stops after step j
+                    reach = [f ** j for j in range(len(depth))]  # P(reaching step j)
+                    stop = [reach[j] - (reach[j + 1] if j + 1 < len(reach) else 0) for j in range(len(depth))]
+                    clicked = sum(s_ * max(depth[:j + 1]) for j, s_ in enumerate(stop))
+                    value = cfg.p_click_future * clicked + (1 - cfg.p_click_future) * scroll
+                else:
+                    p_h, p_c = ((cfg.p_hover_related, cfg.p_click_related) if item in related
+                                else (cfg.p_hover_other, cfg.p_click_other))
+                    value = p_c * browse + p_h * hover + (1 - p_c - p_h) * scroll
+                out[b, p] = exam[p] * value
+        return out
+
     def _respond(self, s: _Session, items: np.ndarray, propensities, exam: np.ndarray, version: str,
                  pipeline: str) -> tuple[Impression, list[tuple]]:
         cfg, rng = self.cfg, s.rng
