@@ -208,6 +208,7 @@ class FeedbackLoop:
         self._lock = threading.Lock()  # one round at a time in this process
         self._ndcg_cache: dict[str, float] = {}
         self.running = False
+        self.last_candidate: Recommender | None = None  # the latest round's fine-tuned model, promoted or not
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -292,6 +293,7 @@ class FeedbackLoop:
             parent, reference = self.load_active()
             result.parent = parent
             candidate = copy.deepcopy(reference)
+            self.last_candidate = candidate
             log(None, f"loop {rid}: {method} on {n_records} records from {info['new_events']} events "
                       f"(parent {parent})", self.quiet)
             result.train = (train_sft_round(candidate, data, self.cfg.method_config) if method == "sft" else

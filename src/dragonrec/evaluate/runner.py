@@ -82,6 +82,9 @@ def evaluate_cases(model: Recommender, cases: EvalCases, *, train: pd.DataFrame 
     if train is not None:
         pop = np.bincount(train.drop_duplicates(["user_id", "item_idx"])["item_idx"].to_numpy(), minlength=n_items)
         beyond[f"novelty@{n}"] = novelty(lists, pop)
+        # Share of recommended slots taken by the 1% most popular items (preference training can narrow to them).
+        head = np.argsort(-pop, kind="stable")[:max(1, n_items // 100)]
+        beyond[f"top1pct_share@{n}"] = float(np.isin(np.asarray(lists), head).mean()) if lists else 0.0
     result["beyond"] = beyond
     result["seconds"] = time.perf_counter() - t0
     return result
