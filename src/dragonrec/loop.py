@@ -154,6 +154,23 @@ def train_sft_round(rec: Recommender, data: RoundData, method_config: dict) -> d
     return {"sequences": len(seqs), "epochs": cfg.max_epochs, "lr": cfg.lr, **result.to_dict()}
 
 
+def impression_contexts(data: RoundData) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(history, actions) of every impression of the round: the user's events strictly before it."""
+    hist = data.history_events
+    idx = np.asarray(data.catalog.indices(hist["item_id"].astype(str).tolist()), dtype=np.int64)
+    ts = hist["timestamp"].to_numpy(dtype=np.float64)
+    acts = hist["action"].to_numpy(dtype=object)
+    rows = hist.groupby(hist["user_id"].astype(str)).indices  # user -> row positions, one pass
+    histories, actions = [], []
+    for imp in data.impressions:
+        r = np.asarray(rows.get(imp.user_id, []), dtype=np.int64)
+        r = r[np.argsort(ts[r], kind="stable")]
+        r = r[ts[r] < (imp.timestamp if imp.timestamp is not None else np.inf)]
+        histories.append(idx[r])
+        actions.append(acts[r])
+    return histories, actions
+
+
 def _train_preference(method: str, rec: Recommender, data: RoundData, method_config: dict,
                       reward_fn: Callable | None) -> dict:
     if method == "dpo":
@@ -169,13 +186,7 @@ def _train_preference(method: str, rec: Recommender, data: RoundData, method_con
 
         if reward_fn is None:
             raise LoopError("the pg method needs a reward function (a reward model or the simulator)")
-        ctx = data.impressions
-        hist = data.history_events
-        histories, actions = [], []
-        for imp in ctx:
-            h = hist[(hist["user_id"] == imp.user_id) & (hist["timestamp"] < (imp.timestamp or np.inf))]
-            histories.append(np.asarray(data.catalog.indices(h["item_id"].astype(str).tolist()), np.int64))
-            actions.append(h["action"].to_numpy(dtype=object))
+        histories, actions = impression_contexts(data)
         res = train_pg(rec, (histories, actions), reward_fn, PGConfig(**method_config))
     else:
         raise LoopError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
