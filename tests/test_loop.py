@@ -123,3 +123,32 @@ def test_triggers_and_errors(world, tmp_path):
     with pytest.raises(LoopError, match="no active version"):
         empty.load_active()
     store.close()
+
+
+@pytest.mark.parametrize("method", ["dpo", "sdpo", "pg"])
+def test_preference_methods_run_a_round(world, tmp_path, method):
+    """Each method trains a candidate from the logged feedback and goes through the gate (promoted here: the
+    gate only asks it not to lose more than all of the held-out NDCG)."""
+    from dragonrec.evaluate.simulator import Simulator
+
+    sim = Simulator(world["catalog"], world["split"].train)
+    by_history = {tuple(u.history.tolist()): u for u in users_from_split(world["split"], start="valid")}
+
+    def reward_fn(histories, actions, lists):  # the simulator's expected reward for the users we know
+        out = np.zeros(np.asarray(lists).shape)
+        for b, h in enumerate(histories):
+            u = next((by_history[k] for k in (tuple(h[:n].tolist()) for n in range(len(h), 0, -1))
+                      if k in by_history), None)
+            if u is not None:
+                out[b] = sim.expected_rewards([u], np.asarray(lists)[b:b + 1])[0]
+        return out
+
+    cfg = {"lr": 1e-3, "epochs": 1, "max_steps": 3, "quiet": True} | ({"group_size": 4, "batch_size": 8} if method == "pg" else {})
+    loop, reg, store = _loop(world, tmp_path, method=method, method_config=cfg,
+                             gate=GateConfig(max_ndcg_drop=1.0, off_policy="off"))
+    loop.reward_fn = reward_fn
+    result = loop.run_round()
+    assert result.status == "promoted", result.reason
+    assert result.data["records"] >= 8 and result.train["steps"] >= 1
+    assert reg.get(result.version).info.method == method
+    store.close()

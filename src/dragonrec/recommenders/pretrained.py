@@ -418,6 +418,22 @@ class PretrainedLMRecommender(Recommender):
             self._score_into(out, histories, actions)
         return out
 
+    def item_logits(self, histories: Sequence[np.ndarray],
+                    actions: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+        """[B, len(catalog)] logits of every product token after each history's narrative, as `score` computes
+        them, on the model's device and with autograd (preference fine-tuning, `dragonrec.train`): -inf for
+        catalog items without a token. One left-padded forward pass; the model's mode is the caller's."""
+        self._check_fitted()
+        device = next(self.model.parameters()).device
+        ids, mask = self._encode(histories, actions)
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # position ids count real tokens, as in score_next_items
+        with _torch_threads(self.cfg.num_threads):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+        items = logits[:, torch.as_tensor(self.item_token_ids, device=device)].float()
+        cols = torch.as_tensor(self.vocab.catalog_index, device=device)
+        return items.new_full((len(histories), len(self.catalog)), -np.inf).index_copy(1, cols, items)
+
     def _score_into(self, out: np.ndarray, histories, actions) -> None:
         ids = self._encode_ids(histories, actions)
         order = np.argsort([len(x) for x in ids], kind="stable")

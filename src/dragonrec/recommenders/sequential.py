@@ -148,6 +148,25 @@ class SequentialRecommender(Recommender):
             out[s:s + len(toks), cols] = scores
         return out
 
+    def item_logits(self, histories: Sequence[np.ndarray],
+                    actions: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+        """[B, len(catalog)] next-item logits as `score` computes them, on the model's device and with autograd
+        (preference fine-tuning, `dragonrec.train`): -inf for items without a token. The model's mode (dropout
+        on or off) is the caller's."""
+        self._check_fitted()
+        narrative, max_len = self.model.cfg.narrative, self.model.cfg.max_len
+        if narrative and actions is None:
+            actions = [np.full(len(h), "view", dtype=object) for h in histories]  # unknown actions: read as views
+        actions = list(actions) if actions is not None else [None] * len(histories)
+        toks = [self.tokenizer.encode(np.asarray(h, dtype=np.int64), a, narrative=narrative, max_len=max_len)
+                for h, a in zip(histories, actions)]
+        device = next(self.model.parameters()).device
+        scores = self.model.score_items(pad_batch(toks).to(device)).float()
+        if torch.is_grad_enabled():
+            self._merged = None  # the weights are about to change: generate() rebuilds its merged copy
+        cols = torch.as_tensor(self.tokenizer.vocab.catalog_index, device=device)
+        return scores.new_full((len(toks), len(self.catalog)), -np.inf).index_copy(1, cols, scores)
+
     @torch.no_grad()
     def generate(self, history: np.ndarray, n: int = 10, actions: np.ndarray | None = None,
                  exclude=None, exclude_history: bool = True, num_beams: int = 1) -> list[int]:
