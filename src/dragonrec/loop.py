@@ -359,11 +359,15 @@ class FeedbackLoop:
         floor = (1.0 - g.max_ndcg_drop) * ref_ndcg
         out: dict[str, Any] = {"active_ndcg@10": ref_ndcg, "candidate_ndcg@10": cand_ndcg, "ndcg_floor": floor,
                                "gate_cases": len(self.gate_cases), "ndcg_ok": cand_ndcg >= floor}
-        logged = data.slots["propensity"].notna().any() if "propensity" in data.slots.columns else False
+        # Propensities below 1 mean a stochastic serving policy; all 1.0 (or none) is deterministic serving,
+        # under which no other policy's value can be estimated.
+        prop = data.slots["propensity"] if "propensity" in data.slots.columns else pd.Series(dtype=float)
+        logged = bool((prop.notna() & (prop < 1.0)).any())
         ope_needed = g.off_policy == "require" or (g.off_policy == "when_logged" and logged)
         if ope_needed:
             if not logged:
-                out.update(ope_ok=False, ope_reason="no logged propensities: the serving policy was deterministic")
+                out.update(ope_ok=False, ope_reason="no logged propensities below 1: the serving policy was "
+                                                  "deterministic (serve with exploration to estimate)")
             else:
                 est = (self.off_policy or default_off_policy)(candidate, data)
                 out["off_policy"] = est
