@@ -374,9 +374,19 @@ class Pipeline(Recommender):
             per_source = {key: self.sources[key].candidates(h, a, quota, ex, p,
                                                             scores=rest_w if key == self.cfg.rest else None)
                           for key, quota in self.cfg.sources.items()}
+            # A user with stated preferences and no positive event yet: history-based sources and the scorer
+            # would only replay their popularity prior (an empty history), so the preference query (dense)
+            # alone orders the list.
+            pref_only = np.asarray([not _has_signal(h[i], None if a is None else a[i], None) for i in range(len(h))])
+            if pref_only.any() and "dense" in per_source:
+                for key, c in per_source.items():
+                    if key != "dense":
+                        c.items[pref_only], c.scores[pref_only] = -1, -np.inf
+            else:
+                pref_only[:] = False
             union = union_candidates(per_source, self.cfg.sources, self.cfg.fusion_k)
             t1 = time.perf_counter()
-            results = self._score_union(union, h, a, p)
+            results = self._score_union(union, h, a, p, skip=pref_only)
             t2 = time.perf_counter()
             for i, b in enumerate(rows):
                 out[b] = self._finish(union, i, results[i], banned[b])
@@ -392,13 +402,14 @@ class Pipeline(Recommender):
                     c.degraded_reasons[(r.degraded_reason or "unknown")[:self.cfg.reason_chars]] += 1
         return out, rest
 
-    def _score_union(self, union: CandidateUnion, histories, actions, prefs) -> list[ScoreResult | None]:
-        """The scorer's answer per row (None = no scorer or nothing to score). Never raises for a scorer's
-        failure: an exception or a malformed answer becomes a degraded result with the reason."""
+    def _score_union(self, union: CandidateUnion, histories, actions, prefs,
+                     skip: np.ndarray | None = None) -> list[ScoreResult | None]:
+        """The scorer's answer per row (None = no scorer, nothing to score, or a `skip` row). Never raises for a
+        scorer's failure: an exception or a malformed answer becomes a degraded result with the reason."""
         B = len(histories)
         if self.scorer is None:
             return [None] * B
-        rows = [i for i in range(B) if len(union.row(i))]
+        rows = [i for i in range(B) if len(union.row(i)) and not (skip is not None and skip[i])]
         requests = [self._request(histories[i], None if actions is None else actions[i],
                                   union.items[i, union.row(i)], union.fused[i, union.row(i)],
                                   None if prefs is None else prefs[i]) for i in rows]
