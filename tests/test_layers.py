@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),
     ("candidates", "scorers"),
     ("recommenders",),
-    ("pipeline", "rag", "rewards", "preferences"),
+    ("pipeline", "rag", "rewards", "preferences", "reward_model"),
     ("train", "evaluate", "loop"),
     ("serve", "cli"),
 ]
