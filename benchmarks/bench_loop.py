@@ -187,13 +187,16 @@ def main() -> None:
                                served_reward_per_impression=served["reward_per_impression"],
                                records=res.data.get("records"), train_seconds=res.train.get("seconds"),
                                gate=res.gate)
-                    ope = res.gate.get("off_policy")
+                    ope, ope_ref = res.gate.get("off_policy"), res.gate.get("off_policy_active")
                     if ope is not None and loop.last_candidate is not None:
-                        # What the candidate really earns on these users and draws, served greedily, per slot.
-                        real = sim.run(RecommenderPolicy(loop.last_candidate, "candidate"), fb,
-                                       seed=seed * 1000 + r).rewarded()["reward"].mean()
+                        # What the candidate and the active version really earn on these users and draws,
+                        # served greedily, per slot: the truth the off-policy estimates tried to guess.
+                        def real(m, fb=fb, s=seed * 1000 + r):
+                            return float(sim.run(RecommenderPolicy(m), fb, seed=s).rewarded()["reward"].mean())
                         row["ope"] = {"snips": ope["estimate"], "ips": ope["ips"], "ess": ope["ess"],
-                                      "logged": ope["logged"], "candidate_real_per_slot": float(real)}
+                                      "logged": ope["logged"], "candidate_real_per_slot": real(loop.last_candidate),
+                                      "active_snips": ope_ref["estimate"], "active_ess": ope_ref["ess"],
+                                      "active_real_per_slot": real(model)}
                     if res.status == "promoted":
                         model = load(reg.active().path, ds.catalog)
                 else:

@@ -152,3 +152,29 @@ def test_preference_methods_run_a_round(world, tmp_path, method):
     assert result.data["records"] >= 8 and result.train["steps"] >= 1
     assert reg.get(result.version).info.method == method
     store.close()
+
+
+def test_off_policy_gate_compares_candidate_and_active_from_exploring_logs(world, tmp_path):
+    """Served epsilon-greedily (propensities logged), the gate estimates both versions from the same logs."""
+    from dragonrec.evaluate.off_policy import EpsilonGreedyPolicy
+
+    catalog, split = world["catalog"], world["split"]
+    reg = Registry(tmp_path / "registry")
+    reg.register(world["base"], method="sft", activate=True)
+    base = FeedbackLoop(reg, None, catalog, split.train, world["gate"], quiet=True).load_active()[1]
+    users = split_users(users_from_split(split, start="valid"), 0.5, seed=0)[0][:300]
+    log = Simulator(catalog, split.train).run(EpsilonGreedyPolicy(base, epsilon=0.5, pool=20, seed=1), users,
+                                              seed=1)
+    assert any(p < 1 for imp in log.impressions for p in imp.propensities)
+    store = Store.open(tmp_path / "store.db", items=catalog)
+    store.write(events=log.events, impressions=log.impressions)
+    loop = FeedbackLoop(reg, store, catalog, split.train, world["gate"],
+                        LoopConfig(method="sft", gate=GateConfig(max_ndcg_drop=1.0, off_policy="require", min_ess=1)),
+                        quiet=True)
+    result = loop.run_round()
+    g = result.gate
+    assert g["off_policy"]["ess"] > 1 and g["off_policy_active"]["ess"] > 1
+    assert np.isfinite(g["off_policy"]["estimate"]) and np.isfinite(g["off_policy_active"]["estimate"])
+    assert g["ope_ok"] == (g["off_policy"]["estimate"] > g["off_policy_active"]["estimate"])
+    assert result.status == ("promoted" if g["ope_ok"] else "refused")
+    store.close()

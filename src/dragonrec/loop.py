@@ -10,7 +10,7 @@ One round (`FeedbackLoop.run_round`):
    (multi-negative) or `pg` (policy gradient against a reward function);
 4. **gate**: the candidate's NDCG@10 on held-out users (cases it never trains on) must be at least
    (1 - `max_ndcg_drop`) of the active version's, and where the logs carry propensities the off-policy
-   estimate (SNIPS) of its value must beat the logged value (`off_policy`);
+   estimate (SNIPS) of its value must beat the active version's, estimated from the same logs (`off_policy`);
 5. promote: register the candidate (parent, method, data window, gate results) and activate it in one
    registry transaction; a running service picks the new version up on its own (dragonrec.serve).
 
@@ -67,7 +67,7 @@ class GateConfig(BaseModel):
     `when_logged`: that check where propensities were logged, NDCG alone where the serving policy was
     deterministic (no off-policy estimate exists then); `off`: NDCG alone."""
     min_ess: float = Field(30.0, ge=0)  # an off-policy estimate with a smaller effective sample size is refused
-    min_gain: float = 0.0  # SNIPS(candidate) - logged value must exceed this
+    min_gain: float = 0.0  # SNIPS(candidate) - SNIPS(active), per slot, must exceed this
 
 
 class LoopConfig(BaseModel):
@@ -369,11 +369,16 @@ class FeedbackLoop:
                 out.update(ope_ok=False, ope_reason="no logged propensities below 1: the serving policy was "
                                                   "deterministic (serve with exploration to estimate)")
             else:
-                est = (self.off_policy or default_off_policy)(candidate, data)
+                # Both served as they would be (greedily), both estimated from the same logs: the candidate must
+                # beat the active version, not the exploring policy that logged them.
+                estimate = self.off_policy or default_off_policy
+                est, ref = estimate(candidate, data), estimate(reference, data)
                 out["off_policy"] = est
-                out["ope_ok"] = bool(est["ess"] >= g.min_ess and est["estimate"] - est["logged"] > g.min_gain)
-                out["ope_reason"] = (f"SNIPS {est['estimate']:.4f} vs logged {est['logged']:.4f} "
-                                     f"(ESS {est['ess']:.0f})")
+                out["off_policy_active"] = ref
+                gain = est["estimate"] - ref["estimate"]
+                out["ope_ok"] = bool(min(est["ess"], ref["ess"]) >= g.min_ess and gain > g.min_gain)
+                out["ope_reason"] = (f"SNIPS {est['estimate']:.4f} vs active {ref['estimate']:.4f} per slot "
+                                     f"(ESS {est['ess']:.0f} / {ref['ess']:.0f}; logged {est['logged']:.4f})")
         else:
             out["ope_ok"] = True
             out["ope_reason"] = "off-policy check off" if g.off_policy == "off" else \
