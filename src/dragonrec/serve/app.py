@@ -1,0 +1,154 @@
+"""The FastAPI app: the API routes, the storefront (when present), error handlers, body limit, metrics.
+
+    app = create_app(Settings(data_dir="../shared/data/amazon-beauty"))   # app.state.service, app.state.metrics
+    uvicorn.run(app, host="127.0.0.1", port=8000)                         # what `dragonrec serve` does
+
+    # or from the environment / a settings file, e.g. for several worker processes:
+    DRAGONREC_DATA_DIR=../shared/data/amazon-beauty python -m uvicorn dragonrec.serve.app:app_from_env --factory
+
+The service starts with the app (lifespan): the dataset is read and the active version loaded before the
+first request is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dragonrec.embed import Embedder
+from dragonrec.serve.api import router
+from dragonrec.serve.metrics import Metrics, MetricsMiddleware
+from dragonrec.serve.service import LoopRunner, Service, ServiceError
+from dragonrec.serve.settings import Settings
+
+log = logging.getLogger("dragonrec.serve")
+
+
+def create_app(settings: Settings, service: Service | None = None, loop: LoopRunner | None = None,
+               embedder: Embedder | None = None) -> FastAPI:
+    """The app over a `Service` (built from `settings` unless one is handed in; a handed-in service is
+    started with the app but closed by its owner). `loop` is the feedback loop behind /v1/loop/*."""
+    own = service is None
+    service = service or Service(settings, loop=loop, embedder=embedder)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(service.start)
+        try:
+            yield
+        finally:
+            if own:
+                await run_in_threadpool(service.close)
+
+    app = FastAPI(title="dragonrec", version="1", lifespan=lifespan,
+                  summary="Recommendations, feedback events, catalog and model versions of a dragonrec shop.")
+    app.state.service = service
+    app.state.settings = settings
+    app.state.metrics = Metrics(service)
+    app.include_router(router)
+    storefront = _storefront()
+    if storefront is not None:
+        app.include_router(storefront.router)
+    install_error_handlers(app)
+    if settings.storefront_origins:  # a shop served from another origin may call /shop/* from the browser
+        app.add_middleware(CORSMiddleware, allow_origins=settings.storefront_origins, allow_credentials=True,
+                           allow_methods=["GET", "POST"], allow_headers=["Content-Type"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """`create_app` with settings from DRAGONREC_* variables (and DRAGONREC_SETTINGS_FILE): a uvicorn factory."""
+    return create_app(Settings())
+
+
+def _storefront():
+    """The storefront module (pages, dashboard) when it is there; the API runs without it."""
+    try:
+        from dragonrec.serve import storefront
+    except ModuleNotFoundError as e:
+        if e.name not in ("dragonrec.serve.storefront", "dragonrec.serve.dashboard"):
+            raise
+        return None
+    return storefront
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+def install_error_handlers(app: FastAPI) -> None:
+    """Every refusal as {"detail": "..."}: service refusals with their status, validation errors as 422 (400
+    for a body that is not JSON) naming each bad field, anything unexpected as a 500 that says nothing more
+    (the traceback goes to the log)."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": ".".join(str(p) for p in e.get("loc", ())), "msg": e.get("msg", ""),
+                   "type": e.get("type", "")} for e in exc.errors()]
+        if any(e["type"] == "json_invalid" for e in errors):
+            return JSONResponse({"detail": "the body is not valid JSON", "errors": errors}, status_code=400)
+        summary = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        return JSONResponse({"detail": f"invalid request: {summary}{more}", "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413: by Content-Length up front, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_bytes
+            except ValueError:
+                await _reply(send, 400, "invalid Content-Length header")
+                return
+            if too_big:
+                await _reply(send, 413, f"request body over {self.max_bytes} bytes")
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _reply(send: Send, status: int, detail: str) -> None:
+    body = JSONResponse({"detail": detail}).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

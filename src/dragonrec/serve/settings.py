@@ -1,0 +1,141 @@
+"""The service's one settings object: defaults < a settings file (TOML or JSON) < DRAGONREC_* environment < code.
+
+    settings = Settings(data_dir="../shared/data/amazon-beauty")         # code (and flags) win
+    DRAGONREC_API_KEY=key1,key2 DRAGONREC_PORT=9000 dragonrec serve ...   # environment
+    DRAGONREC_SETTINGS_FILE=serve.toml dragonrec serve                    # a file: data_dir = "...", port = 9000
+
+The object is built once (by `dragonrec serve` or `app_from_env`) and passed down; nothing reads it globally.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dragonrec.pipeline import DEFAULT_QUOTAS
+
+SETTINGS_FILE_ENV = "DRAGONREC_SETTINGS_FILE"
+
+
+class Settings(BaseSettings):
+    """Everything the service needs to know; defaults run a laptop shop on 127.0.0.1 with SQLite."""
+
+    # hide_input_in_errors: a bad setting must not print the API keys next to it
+    model_config = SettingsConfigDict(env_prefix="DRAGONREC_", extra="forbid", validate_default=True,
+                                      hide_input_in_errors=True)
+
+    settings_file: Path | None = None
+    """A TOML or JSON file with any of these fields (also named by DRAGONREC_SETTINGS_FILE)."""
+    data_dir: Path | None = None
+    """Dataset directory: the catalog (items.*) and past events (interactions.*) the shop starts from."""
+    state_dir: Path = Path(".dragonrec")
+    """Where the service keeps its own state: the default SQLite store, registry and catalog changes."""
+    store_url: str | None = None
+    """Feedback store URL (sqlite:///PATH or postgresql+psycopg://...); default: SQLite under state_dir."""
+    registry_dir: Path | None = None
+    """Model registry root; default: state_dir/registry. Without an active version the popularity
+    fallback (dense + co-occurrence + popularity, no model) serves."""
+    host: str = "127.0.0.1"
+    """Address `dragonrec serve` binds."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port `dragonrec serve` binds."""
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("api_keys", "DRAGONREC_API_KEY", "DRAGONREC_API_KEYS"))
+    """Keys for write and admin routes (DRAGONREC_API_KEY=new,old: several so keys can rotate). None: those
+    routes refuse every request."""
+    recommend_requires_key: bool = False
+    """Whether POST /v1/recommend needs a key too (the storefront's own /shop/recommend never does)."""
+    storefront_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origins (scheme://host:port) allowed to post to /shop/*; empty: only the server's own origin."""
+    default_n: int = Field(10, ge=1)
+    """List length when a request names none."""
+    max_n: int = Field(100, ge=1)
+    """Longest list a request may ask for."""
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    """Largest request body accepted (413 above)."""
+    max_events_per_batch: int = Field(1000, ge=1)
+    """Most events one POST /v1/events may carry (413 above)."""
+    diversity: float = Field(0.0, ge=0.0, le=1.0)
+    """Default category spread of a list (0: relevance order; 1: one item per category while possible)."""
+    demotion_window_s: float = Field(1800.0, ge=0.0)
+    """Seconds an item a user scrolled past (or removed from the cart) stays out of their lists."""
+    new_item_slots: int = Field(2, ge=0)
+    """Places in a list for products added after the models were fitted (they cannot score them), when
+    dense retrieval proposes them for the request: exploration for new items."""
+    history_limit: int = Field(200, ge=1)
+    """Latest stored events of a user read per request (their dataset events come on top)."""
+    reload_interval_s: float = Field(2.0, gt=0.0)
+    """Seconds between checks of the registry's active version (hot swap)."""
+    quotas: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_QUOTAS))
+    """Candidates per source: dense, cooccurrence, model (with an active version), popularity."""
+    embedding_cache_dir: str | None = ".cache/embeddings"
+    """Item text embedding cache (new products embed only their own text)."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [k.strip() for k in v.split(",")]
+        if isinstance(v, list):
+            v = [k for k in v if not isinstance(k, str) or k.strip()]
+        return v
+
+    @field_validator("storefront_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [o.strip() for o in v.split(",") if o.strip()]
+        return [o.rstrip("/") for o in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_n > self.max_n:
+            raise ValueError(f"default_n ({self.default_n}) is above max_n ({self.max_n})")
+        short = [i for i, k in enumerate(self.api_keys) if len(k.get_secret_value()) < 16]
+        if short:
+            raise ValueError("API keys must be at least 16 characters (key number "
+                             f"{', '.join(str(i + 1) for i in short)} is shorter)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Code beats the environment, the environment beats the file.
+        path = init_settings.init_kwargs.get("settings_file") or os.environ.get(SETTINGS_FILE_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            path = Path(path)
+            if not path.is_file():
+                raise ValueError(f"settings file {path} does not exist")
+            if path.suffix.lower() == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            elif path.suffix.lower() == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                raise ValueError(f"settings file {path}: use .toml or .json")
+        return tuple(sources)
+
+    # -- resolved paths -------------------------------------------------------------------------------
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.state_dir / 'feedback.db'}"
+
+    @property
+    def resolved_registry_dir(self) -> Path:
+        return self.registry_dir or self.state_dir / "registry"
+
+    @property
+    def catalog_log(self) -> Path:
+        """Products added, edited and deleted through the API, replayed over the dataset's catalog on start."""
+        return self.state_dir / "catalog_changes.jsonl"
