@@ -178,3 +178,12 @@ def test_off_policy_gate_compares_candidate_and_active_from_exploring_logs(world
     assert g["ope_ok"] == (g["off_policy"]["estimate"] > g["off_policy_active"]["estimate"])
     assert result.status == ("promoted" if g["ope_ok"] else "refused")
     store.close()
+
+
+def test_held_out_users_never_feed_a_round(world, tmp_path):
+    loop, reg, store = _loop(world, tmp_path, method="sft", gate=GateConfig(max_ndcg_drop=1.0, off_policy="off"))
+    loop.holdout_users = frozenset(world["log"].events["user_id"].astype(str))  # every user of the logs
+    result = loop.run_round()
+    assert result.status == "skipped" and result.data["new_events"] == 0
+    assert reg.active_version() == "v0001"
+    store.close()

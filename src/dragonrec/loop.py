@@ -201,11 +201,13 @@ class FeedbackLoop:
 
     def __init__(self, registry: Registry | str | Path, store: Store, catalog: Catalog, base_events: pd.DataFrame,
                  gate_cases: EvalCases, cfg: LoopConfig | None = None, state_path: str | Path | None = None,
-                 reward_fn: Callable | None = None, off_policy: Callable | None = None, quiet: bool = False):
+                 reward_fn: Callable | None = None, off_policy: Callable | None = None, quiet: bool = False,
+                 holdout_users: set[str] | frozenset[str] | None = None):
         """`base_events`: the dataset's events (histories before the store's); `gate_cases`: held-out cases
         (users whose targets no round trains on) for the NDCG gate; `reward_fn(histories, actions, lists)`: the
         pg method's reward; `off_policy(candidate, rewarded_slots) -> dict(estimate, logged, ess)`: the off-policy
-        gate's estimator (dragonrec.evaluate.off_policy by default)."""
+        gate's estimator (dragonrec.evaluate.off_policy by default); `holdout_users`: users whose impressions and
+        events never feed a round's training data (the users of `gate_cases`, when they also use the shop)."""
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self.store = store
         self.catalog = catalog
@@ -216,6 +218,7 @@ class FeedbackLoop:
         self.reward_fn = reward_fn
         self.off_policy = off_policy
         self.quiet = quiet
+        self.holdout_users = frozenset(map(str, holdout_users or ()))
         self._lock = threading.Lock()  # one round at a time in this process
         self._ndcg_cache: dict[str, float] = {}
         self.running = False
@@ -240,6 +243,22 @@ class FeedbackLoop:
                 "impressions_cursor": st["impressions_cursor"], "rounds": len(st["rounds"]),
                 "last_round": st["rounds"][-1] if st["rounds"] else None}
 
+    def rounds(self) -> list[dict]:
+        """Every round, flat: round, status, version, parent, method, promoted, created, reward (mean logged
+        reward per shown slot of the round's data), heldout_ndcg and diversity (the candidate's, on the gate
+        cases), reason."""
+        out = []
+        for i, r in enumerate(self.state()["rounds"]):
+            gate = r.get("gate") or {}
+            cand = gate.get("candidate_held_out") or {}
+            out.append({"round": i + 1, "id": r.get("round_id"), "status": r.get("status"),
+                        "version": r.get("version"), "parent": r.get("parent"), "method": r.get("method"),
+                        "promoted": r.get("status") == "promoted", "created": r.get("started"),
+                        "reward": (r.get("data") or {}).get("reward_per_slot"),
+                        "heldout_ndcg": cand.get("ndcg@10"), "diversity": cand.get("ild_category@10"),
+                        "reason": r.get("reason")})
+        return out
+
     def rollback(self) -> str:
         return self.registry.rollback().version
 
@@ -253,17 +272,26 @@ class FeedbackLoop:
         rec = recommender_class(saved_recommender_name(active.path)).load(active.path, self.catalog)
         return active.version, rec
 
-    def held_out_ndcg(self, rec: Recommender, version: str | None = None) -> float:
+    def held_out(self, rec: Recommender, version: str | None = None) -> dict[str, float]:
+        """NDCG@10, HR@10, coverage and category diversity of the top 10 on the gate cases (cached by version)."""
         if version is not None and version in self._ndcg_cache:
             return self._ndcg_cache[version]
-        value = float(evaluate_cases(rec, self.gate_cases)["metrics"]["ndcg@10"])
+        res = evaluate_cases(rec, self.gate_cases)
+        value = {"ndcg@10": float(res["metrics"]["ndcg@10"]), "hr@10": float(res["metrics"]["hr@10"]),
+                 **{k: float(v) for k, v in res["beyond"].items()}}
         if version is not None:
             self._ndcg_cache[version] = value
         return value
 
+    def held_out_ndcg(self, rec: Recommender, version: str | None = None) -> float:
+        return self.held_out(rec, version)["ndcg@10"]
+
     def collect(self, state: dict) -> tuple[RoundData, dict]:
         events, ev_cursor = self.store.new_events(after=state["events_cursor"])
         impressions, imp_cursor = self.store.new_impressions(after=state["impressions_cursor"])
+        if self.holdout_users:  # held-out users are measured on, never trained on
+            events = events[~events["user_id"].astype(str).isin(self.holdout_users)].reset_index(drop=True)
+            impressions = [imp for imp in impressions if imp.user_id not in self.holdout_users]
         slots = rewards(attribute(impressions, events, self.cfg.reward), self.cfg.reward) if impressions else None
         cols = ["user_id", "item_id", "action", "timestamp", "request_id", "value"]
         stored = self.store.all_events()
@@ -294,6 +322,7 @@ class FeedbackLoop:
                     f"{info['new_events']} new events and {info['new_impressions']} new impressions "
                     f"(at least {self.cfg.min_new_events} events and one impression needed)")
                 return result
+            result.data["reward_per_slot"] = float(data.slots["reward"].mean()) if len(data.slots) else None
             n_records = self._prepare(data)
             result.data["records"] = n_records
             if n_records < self.cfg.min_records:
@@ -321,7 +350,7 @@ class FeedbackLoop:
                 metrics={"gate": result.gate, "train": _jsonable(result.train)},
                 config={"loop": self.cfg.model_dump(mode="json"), "round": rid, **result.data}, activate=True)
             result.version, result.status, result.reason = version.version, "promoted", result.gate["reason"]
-            self._ndcg_cache[version.version] = result.gate["candidate_ndcg@10"]
+            self._ndcg_cache[version.version] = result.gate["candidate_held_out"]
             return result
         except Exception as e:  # the round failed: nothing was promoted, the cursor stays
             result.status, result.reason = "failed", f"{type(e).__name__}: {e}"
@@ -354,11 +383,12 @@ class FeedbackLoop:
 
     def gate(self, reference: Recommender, ref_version: str, candidate: Recommender, data: RoundData) -> dict:
         g = self.cfg.gate
-        ref_ndcg = self.held_out_ndcg(reference, ref_version)
-        cand_ndcg = self.held_out_ndcg(candidate)
+        ref, cand = self.held_out(reference, ref_version), self.held_out(candidate)
+        ref_ndcg, cand_ndcg = ref["ndcg@10"], cand["ndcg@10"]
         floor = (1.0 - g.max_ndcg_drop) * ref_ndcg
         out: dict[str, Any] = {"active_ndcg@10": ref_ndcg, "candidate_ndcg@10": cand_ndcg, "ndcg_floor": floor,
-                               "gate_cases": len(self.gate_cases), "ndcg_ok": cand_ndcg >= floor}
+                               "gate_cases": len(self.gate_cases), "ndcg_ok": cand_ndcg >= floor,
+                               "candidate_held_out": cand, "active_held_out": ref}
         # Propensities below 1 mean a stochastic serving policy; all 1.0 (or none) is deterministic serving,
         # under which no other policy's value can be estimated.
         prop = data.slots["propensity"] if "propensity" in data.slots.columns else pd.Series(dtype=float)

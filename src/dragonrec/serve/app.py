@@ -13,6 +13,7 @@ first request is answered.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -38,13 +39,23 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
     started with the app but closed by its owner). `loop` is the feedback loop behind /v1/loop/*."""
     own = service is None
     service = service or Service(settings, loop=loop, embedder=embedder)
+    if service.loop is None and settings.loop_method is not None:
+        from dragonrec.serve.loop_runner import ServiceLoop
+
+        service.loop = ServiceLoop(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await run_in_threadpool(service.start)
+        stop = threading.Event()
+        if service.loop is not None and settings.loop_every_s:
+            from dragonrec.serve.loop_runner import run_every
+
+            run_every(service, settings.loop_every_s, stop)
         try:
             yield
         finally:
+            stop.set()
             if own:
                 await run_in_threadpool(service.close)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -81,6 +81,19 @@ class Settings(BaseSettings):
     """Candidates per source: dense, cooccurrence, model (with an active version), popularity."""
     embedding_cache_dir: str | None = ".cache/embeddings"
     """Item text embedding cache (new products embed only their own text)."""
+    loop_method: Literal["sft", "dpo", "sdpo", "pg"] | None = None
+    """The feedback loop's fine-tuning method (None: no loop; POST /v1/loop/run answers 409)."""
+    loop_every_s: float | None = Field(None, gt=0.0)
+    """Run a loop round every this many seconds in the background (None: only on POST /v1/loop/run)."""
+    loop_min_new_events: int = Field(50, ge=0)
+    """A round with fewer new events is skipped."""
+    loop_holdout_share: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of the dataset's users held out for the loop's gate (their last positive event is the target;
+    their own shop activity never feeds training)."""
+    loop_gate_cases: int = Field(2000, ge=10)
+    """At most this many held-out cases in the gate (a smaller gate is faster and noisier)."""
+    loop_max_ndcg_drop: float = Field(0.02, ge=0.0, le=1.0)
+    """A candidate may lose at most this share of the active version's held-out NDCG@10."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
