@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# The two commands of the README: `make demo` (the main job: a shop up on 127.0.0.1:8000) and `make test`.
 # Both create the virtualenv on first use. PyTorch is pinned to the CPU build (see pyproject.toml).
 PY ?= python3
 VENV ?= .venv
@@ -20,10 +20,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/dragonrec demo --data $(DATA) --out runs/demo
+	$(VENV)/bin/dragonrec demo --data $(DATA) --out runs/demo $(DEMO_ARGS)
+
+benchmark: install
+	$(VENV)/bin/dragonrec benchmark --data $(DATA) --out runs/benchmark
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest
 
-.PHONY: install demo test
+.PHONY: install demo benchmark test

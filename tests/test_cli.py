@@ -98,14 +98,35 @@ def test_train_sft_logs_plain_lines_when_not_a_terminal(chain_dir, tmp_path, cap
     assert "0.0000 (best" not in err.split("sft refit")[1]  # a refit never pretends to have a validation metric
 
 
-def test_demo_without_training(chain_dir, tmp_path, monkeypatch):
+def test_benchmark_without_training(chain_dir, tmp_path, monkeypatch):
     from dragonrec.evaluate import experiment
 
     monkeypatch.setattr(experiment, "DEMO_RECOMMENDERS", {"popularity": {}, "cooccurrence": {"window": 1}})
-    result = runner.invoke(app, ["demo", "--data", str(chain_dir), "--out", str(tmp_path / "demo"), "--no-train"])
+    result = runner.invoke(app, ["benchmark", "--data", str(chain_dir), "--out", str(tmp_path / "b"), "--no-train"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert set(summary) == {"popularity", "cooccurrence"}
+
+
+def test_demo_trains_once_then_reuses_and_the_loop_and_models_commands(chain_dir, tmp_path):
+    out = tmp_path / "demo"
+    first = runner.invoke(app, ["demo", "--data", str(chain_dir), "--out", str(out), "--train-minutes", "0.05",
+                                "--no-serve"])
+    assert first.exit_code == 0, first.output
+    assert (out / "registry" / "active.json").exists()
+    again = runner.invoke(app, ["demo", "--data", str(chain_dir), "--out", str(out), "--no-serve"])
+    assert again.exit_code == 0 and "using v0001" in again.output, again.output
+    listed = runner.invoke(app, ["models", "list", "--registry", str(out / "registry")])
+    assert listed.exit_code == 0 and "v0001" in listed.output
+    # a loop round over an empty store has nothing to learn from: skipped, the active version unchanged
+    loop = runner.invoke(app, ["loop", "--data", str(chain_dir), "--store", str(tmp_path / "fb.db"),
+                               "--registry", str(out / "registry"), "--method", "sft"])
+    assert loop.exit_code == 0 and "skipped" in loop.output, loop.output
+    refused = runner.invoke(app, ["models", "rollback", "--registry", str(out / "registry")])
+    assert refused.exit_code != 0 and "nothing to roll back" in str(refused.exception)
+    bad = runner.invoke(app, ["loop", "--data", str(chain_dir), "--store", str(tmp_path / "fb.db"),
+                              "--registry", str(out / "registry"), "--method", "ppo"])
+    assert bad.exit_code != 0
 
 
 def test_pipeline_over_a_saved_model_is_checked_like_the_model(chain_dir, tmp_path):

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_helpers import API_KEY, beauty_slice, train_tiny
 
+from dragonrec.loop import holdout_users
 from dragonrec.registry import Registry
 from dragonrec.serve import Settings, create_app
-from dragonrec.serve.loop_runner import holdout_users
 
 KEY = {"X-API-Key": API_KEY}
 

@@ -126,14 +126,77 @@ def train_sft(
 @app.command()
 def demo(
     data: Annotated[Path, typer.Option(help="dataset directory")] = Path("../shared/data/amazon-beauty"),
-    out: Annotated[Path, typer.Option(help="where reports, the trained model and the registry go")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="the shop's state: registry, feedback store, trained model")] = Path("runs/demo"),
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8000,
+    train_minutes: Annotated[float, typer.Option(help="time budget of the first training (early stopping inside it)")] = 5.0,
+    retrain: Annotated[bool, typer.Option(help="train again even if the registry has a model for this dataset")] = False,
+    loop: Annotated[bool, typer.Option(help="run the feedback loop in the background: the shop's visitors teach the model")] = False,
+    loop_method: Annotated[str, typer.Option(help="the loop's method: sft, dpo, sdpo or pg")] = "dpo",
+    loop_every: Annotated[float, typer.Option(help="seconds between loop rounds (with --loop)")] = 300.0,
+    serve: Annotated[bool, typer.Option(help="start the shop (--no-serve: only prepare the model)")] = True,
+) -> None:
+    """The main job: a working shop on real products. Reads the dataset, trains a small generative model within
+    --train-minutes with visible progress (or reuses the registry's model for this dataset), registers it as the
+    active version, and starts the API, the storefront and the admin dashboard on http://HOST:PORT with a SQLite
+    feedback store. Every action of a visitor is stored; --loop fine-tunes, gates and promotes new versions from
+    them in the background, and the shop swaps to each one without a restart. `dragonrec benchmark` is the long
+    evaluation run.
+
+    Example: dragonrec demo --data ../shared/data/amazon-beauty --loop
+    """
+    import os
+    import secrets
+
+    from dragonrec.registry import Registry
+    from dragonrec.train.sft import run_sft
+
+    _check_choice("--loop-method", loop_method, ("sft", "dpo", "sdpo", "pg"))
+    registry = Registry(out / "registry")
+    active = registry.active()
+    name = data.resolve().name
+    fits = active is not None and active.info.data_window is not None and active.info.data_window.dataset == name
+    if retrain or not fits:
+        console.print(f"training a small generative model on {data} (at most {train_minutes:g} min, then it is "
+                      "evaluated on validation and test)")
+        overrides = {"max_minutes": train_minutes, "refit_with_valid": False}
+        report = run_sft(data, out / "generative", overrides=overrides, registry=out / "registry", console=console)
+        Console(width=160).print(_metrics_table(f"generative on {report['dataset']['name']}", report))
+        version = report["version"]
+    else:
+        version = active.version
+        console.print(f"using {version} from {registry.root} (trained on {name}; --retrain to train again)")
+    if not serve:
+        console.print(f"ready: {version} is active in {registry.root}")
+        return
+
+    import uvicorn
+
+    from dragonrec.serve import Settings, create_app
+
+    key = os.environ.get("DRAGONREC_API_KEY")
+    if not key:
+        key = secrets.token_urlsafe(18)
+        console.print(f"admin key for this run (dashboard at /admin, write routes): {key}")
+    settings = Settings(data_dir=data, state_dir=out / "shop", registry_dir=out / "registry", host=host, port=port,
+                        api_keys=[key], loop_method=loop_method if loop else None,
+                        loop_every_s=loop_every if loop else None)
+    console.print(f"the shop is at http://{host}:{port}  (API docs /docs, dashboard /admin"
+                  + (f", loop: {loop_method} every {loop_every:g} s" if loop else "") + "); Ctrl-C stops it")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def benchmark(
+    data: Annotated[Path, typer.Option(help="dataset directory")] = Path("../shared/data/amazon-beauty"),
+    out: Annotated[Path, typer.Option(help="where reports, the trained model and the registry go")] = Path("runs/benchmark"),
     train: Annotated[bool, typer.Option(help="also train the generative model (about 16 min on 2 cores)")] = True,
 ) -> None:
-    """The main job: evaluate the baselines (popularity, co-occurrence, RAG, sasrec), then train the generative
-    model, register it as the active version, evaluate it and the pipeline that serves it (candidate union +
-    generative scorer); one JSON report each and a summary.json.
+    """The long evaluation run: the baselines (popularity, co-occurrence, RAG, sasrec), then the generative model
+    trained in full (about 16 min on 2 cores), registered as the active version, evaluated with the pipeline
+    that serves it (candidate union + generative scorer); one JSON report each and a summary.json.
 
-    Example: dragonrec demo --data ../shared/data/amazon-beauty --out runs/demo
+    Example: dragonrec benchmark --data ../shared/data/amazon-beauty --out runs/benchmark
     """
     from dragonrec.evaluate.experiment import DEMO_RECOMMENDERS, run_evaluation
     from dragonrec.train.sft import run_sft
@@ -198,6 +261,89 @@ def serve(
     console.print(f"dragonrec serving {settings.data_dir} on http://{settings.host}:{settings.port} "
                   f"(API docs: /docs, OpenAPI: /openapi.json)")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command("loop")
+def loop_cmd(
+    data: Annotated[Path, typer.Option(help="dataset directory the base model was trained on")],
+    store: Annotated[str, typer.Option(help="feedback store URL or SQLite path (the shop's)")],
+    registry: Annotated[Path, typer.Option(help="model registry: its active version is the starting point")],
+    method: Annotated[str, typer.Option(help="sft, dpo, sdpo or pg")] = "dpo",
+    every: Annotated[float | None, typer.Option(help="run a round every this many seconds")] = None,
+    after_events: Annotated[int | None, typer.Option(help="run a round whenever this many new events arrived")] = None,
+    rounds: Annotated[int | None, typer.Option(help="stop after this many rounds (default: one without a schedule)")] = None,
+    max_ndcg_drop: Annotated[float, typer.Option(help="the gate: held-out NDCG@10 may drop at most this share")] = 0.02,
+    holdout_share: Annotated[float, typer.Option(help="share of users held out as the gate")] = 0.1,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="a field of the method's config: --set lr=1e-4")] = None,
+) -> None:
+    """The feedback loop over a store's logs: new impressions and events -> rewards -> preference data ->
+    fine-tune (the method) -> gate (held-out NDCG, and off-policy value where propensities were logged) ->
+    register and activate. Once (the default), on a schedule (--every) or after N new events (--after-events).
+    A failed or interrupted round leaves the active version as it was; `dragonrec models rollback` undoes one.
+
+    Example: dragonrec loop --data ../shared/data/amazon-beauty --store runs/demo/shop/feedback.db --registry runs/demo/registry --method dpo
+    """
+    from dragonrec.data import load_dataset
+    from dragonrec.loop import FeedbackLoop, GateConfig, LoopConfig, gate_cases_from
+    from dragonrec.store import Store
+
+    _check_choice("--method", method, ("sft", "dpo", "sdpo", "pg"))
+    ds = load_dataset(data)
+    gate, held = gate_cases_from(ds.events, holdout_share)
+    cfg = LoopConfig(method=method, method_config=_parse_overrides(set_), gate=GateConfig(max_ndcg_drop=max_ndcg_drop))
+    with Store.open(store, items=ds.catalog) as st:
+        fl = FeedbackLoop(registry, st, ds.catalog, ds.events, gate, cfg, holdout_users=held)
+        results = fl.run(every_s=every, after_events=after_events, max_rounds=rounds)
+    for r in results:
+        console.print(f"{r.round_id}: {r.status} ({r.reason})" + (f" -> {r.version}" if r.version else ""))
+    if not results:
+        raise typer.Exit(1)
+
+
+models_app = typer.Typer(help="Model versions in a registry. Example: dragonrec models list --registry runs/demo/registry",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models",
+              help="Model versions: list, activate, rollback. Example: dragonrec models list --registry runs/demo/registry")
+
+
+@models_app.command("list")
+def models_list(registry: Annotated[Path, typer.Option(help="registry directory")]) -> None:
+    """Every version with its method, parent, data window and whether it is active.
+
+    Example: dragonrec models list --registry runs/demo/registry
+    """
+    from dragonrec.registry import Registry
+
+    reg = Registry(registry)
+    active = reg.active_version()
+    table = Table("version", "method", "parent", "events", "active")
+    for v in reg.list():
+        table.add_row(v.version, v.method, v.parent or "", str(v.data_window.n_events if v.data_window else ""),
+                      "*" if v.version == active else "")
+    Console(width=120).print(table)
+
+
+@models_app.command("activate")
+def models_activate(version: Annotated[str, typer.Argument(help="e.g. v0003")],
+                    registry: Annotated[Path, typer.Option(help="registry directory")]) -> None:
+    """Make a version the active one (running services switch to it without a restart).
+
+    Example: dragonrec models activate v0002 --registry runs/demo/registry
+    """
+    from dragonrec.registry import Registry
+
+    console.print(f"active: {Registry(registry).activate(version).version}")
+
+
+@models_app.command("rollback")
+def models_rollback(registry: Annotated[Path, typer.Option(help="registry directory")]) -> None:
+    """Re-activate the version that was active before the current one.
+
+    Example: dragonrec models rollback --registry runs/demo/registry
+    """
+    from dragonrec.registry import Registry
+
+    console.print(f"active: {Registry(registry).rollback().version}")
 
 
 def main() -> None:  # pragma: no cover

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,6 +121,28 @@ class RoundResult:
 
 class LoopError(RuntimeError):
     """The loop cannot run: no active version, no store, an unknown method."""
+
+
+# ---------------------------------------------------------------- held-out users
+
+
+def holdout_users(user_ids, share: float) -> set[str]:
+    """Users whose crc32(user id) falls in the first `share` of the hash range: the same users in every
+    process, round and order."""
+    cut = int(share * 2**32)
+    return {str(u) for u in user_ids if zlib.crc32(str(u).encode()) < cut}
+
+
+def gate_cases_from(events: pd.DataFrame, share: float = 0.1, max_cases: int = 2000) -> tuple[EvalCases, set[str]]:
+    """The gate of a loop over a dataset: the leave-one-out test cases (last positive event) of a hash-chosen
+    `share` of its users (at most `max_cases`), and those users (to keep out of training). A model trained by
+    `dragonrec train sft` on the leave-one-out split never trained on these targets."""
+    from dragonrec.data.splits import leave_one_out
+
+    split = leave_one_out(events)
+    held = holdout_users(split.test.user_ids, share)
+    idx = np.flatnonzero([str(u) in held for u in split.test.user_ids])[:max_cases]
+    return split.test.subset(idx), held
 
 
 # ---------------------------------------------------------------- methods
@@ -468,5 +491,15 @@ def _jsonable(x):
     return str(x)
 
 
-__all__ = ["FeedbackLoop", "GateConfig", "LoopConfig", "LoopError", "RegistryError", "RoundData", "RoundResult",
-           "train_sft_round"]
+__all__ = [
+    "FeedbackLoop",
+    "GateConfig",
+    "LoopConfig",
+    "LoopError",
+    "RegistryError",
+    "RoundData",
+    "RoundResult",
+    "gate_cases_from",
+    "holdout_users",
+    "train_sft_round",
+]

@@ -10,20 +10,10 @@ activity in the shop never feeds a round's training data.
 from __future__ import annotations
 
 import threading
-import zlib
 from typing import Any
 
-import numpy as np
-
-from dragonrec.data.splits import leave_one_out
-from dragonrec.loop import FeedbackLoop, GateConfig, LoopConfig
+from dragonrec.loop import FeedbackLoop, GateConfig, LoopConfig, gate_cases_from
 from dragonrec.progress import log
-
-
-def holdout_users(user_ids, share: float) -> set[str]:
-    """Users whose crc32(user id) falls in the first `share` of the hash range: stable across processes."""
-    cut = int(share * 2**32)
-    return {str(u) for u in user_ids if zlib.crc32(str(u).encode()) < cut}
 
 
 class ServiceLoop:
@@ -39,11 +29,7 @@ class ServiceLoop:
 
     def _build(self) -> FeedbackLoop:
         svc, s = self.service, self.service.settings
-        split = leave_one_out(svc.events)
-        held = holdout_users(split.test.user_ids, s.loop_holdout_share)
-        mask = np.asarray([str(u) in held for u in split.test.user_ids])
-        idx = np.flatnonzero(mask)[: s.loop_gate_cases]
-        gate = split.test.subset(idx)
+        gate, held = gate_cases_from(svc.events, s.loop_holdout_share, s.loop_gate_cases)
         log(None, f"loop: {self.cfg.method}, gate on {len(gate)} held-out users' last positive events", False)
         return FeedbackLoop(svc.registry, svc.store, svc.base_catalog, svc.events, gate, self.cfg,
                             state_path=svc.registry.root / "loop.json", holdout_users=held, quiet=False)
