@@ -119,7 +119,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/loop_bench")
     ap.add_argument("--out", default="benchmarks/results/loop_beauty.json")
     ap.add_argument("--plot", default="docs/img/loop_beauty.png")
+    ap.add_argument("--replot", action="store_true", help="only redraw --plot from the results in --out")
     args = ap.parse_args()
+    if args.replot:
+        return replot(args.out, args.plot)
     t0 = time.time()
     overrides = {m: dict(v) for m, v in METHOD_DEFAULTS.items()}
     for kv in args.set:
@@ -250,29 +253,40 @@ def print_table(summary: dict) -> None:
 
 
 def plot(report: dict, methods: list[str], path: str) -> None:
+    """Left: simulated reward per impression minus the static model's, paired by seed and round (the same
+    users and draws); right: held-out NDCG@10. Mean over seeds, band = one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = report["runs"]
+    seeds = [s for s in runs if all(m in runs[s] for m in methods)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m in methods:
-        per = report["summary"][m]["per_round"]
-        x = np.arange(len(per))
         for ax, key in zip(axes, ("reward_per_impression", "ndcg@10")):
-            mean = np.array([p[key]["mean"] for p in per])
-            std = np.nan_to_num(np.array([p[key]["std"] for p in per]))
+            vals = np.array([[row[key] for row in runs[s][m]["rounds"]] for s in seeds])
+            if key == "reward_per_impression" and "static" in methods:
+                vals = vals - np.array([[row[key] for row in runs[s]["static"]["rounds"]] for s in seeds])
+            x = np.arange(vals.shape[1])
+            mean, std = vals.mean(axis=0), vals.std(axis=0)
             ax.plot(x, mean, marker="o", label=m)
             ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-    axes[0].set_title("simulated reward per impression (evaluation users)")
+    axes[0].set_title("reward per impression minus static (evaluation users)")
     axes[1].set_title("held-out NDCG@10 (evaluation users)")
     for ax in axes:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.suptitle(f"Amazon Beauty through the simulator, {len(seeds)} seeds", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def replot(json_path: str, plot_path: str) -> None:
+    report = json.loads(Path(json_path).read_text())
+    plot(report, list(report["summary"]), plot_path)
 
 
 if __name__ == "__main__":

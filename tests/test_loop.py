@@ -173,6 +173,9 @@ def test_off_policy_gate_compares_candidate_and_active_from_exploring_logs(world
                         quiet=True)
     result = loop.run_round()
     g = result.gate
+    # a share of the users is kept out of training and only estimated on
+    n_est = result.data["estimate_impressions"]
+    assert 0 < n_est < len(log.impressions) and g["off_policy"]["n_lists"] <= n_est
     assert g["off_policy"]["ess"] > 1 and g["off_policy_active"]["ess"] > 1
     assert np.isfinite(g["off_policy"]["estimate"]) and np.isfinite(g["off_policy_active"]["estimate"])
     assert g["ope_ok"] == (g["off_policy"]["estimate"] > g["off_policy_active"]["estimate"])

@@ -80,6 +80,9 @@ class LoopConfig(BaseModel):
     method_config: dict[str, Any] = Field(default_factory=dict)  # fields of the method's config (DPOConfig, ...)
     min_new_events: int = Field(1, ge=0)  # fewer new events than this: the round is skipped
     min_records: int = Field(8, ge=1)  # fewer preference pairs / groups / sequences: skipped
+    estimate_share: float = Field(0.3, ge=0, lt=1)
+    """Where the logs carry propensities and the gate estimates off-policy: this share of the round's users is
+    kept out of training and used only for the estimate (0: estimate on the training logs themselves)."""
     reward: RewardConfig = Field(default_factory=RewardConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
@@ -97,6 +100,22 @@ class RoundData:
     history_events: pd.DataFrame  # base events + every stored event up to this round (for contexts)
     pairs: pd.DataFrame | None = None
     groups: pd.DataFrame | None = None
+    # The part of the round's logs kept out of training for the off-policy estimate (None: not split).
+    estimate_slots: pd.DataFrame | None = None
+    estimate_impressions: list[Impression] | None = None
+
+    def split_for_estimate(self, share: float) -> RoundData:
+        """Users chosen by hash (`share` of them) leave the training data (events, impressions, slots) and
+        become the off-policy estimate's: a candidate estimated on logs it trained on looks better than it is."""
+        users = {imp.user_id for imp in self.impressions}
+        est = holdout_users(users, share)
+        if not est or est == users:
+            return self
+        keep = ~self.slots["user_id"].astype(str).isin(est)
+        return RoundData(self.catalog, self.events[~self.events["user_id"].astype(str).isin(est)],
+                         [i for i in self.impressions if i.user_id not in est], self.slots[keep].reset_index(drop=True),
+                         self.history_events, estimate_slots=self.slots[~keep].reset_index(drop=True),
+                         estimate_impressions=[i for i in self.impressions if i.user_id in est])
 
 
 @dataclass
@@ -346,6 +365,9 @@ class FeedbackLoop:
                     f"(at least {self.cfg.min_new_events} events and one impression needed)")
                 return result
             result.data["reward_per_slot"] = float(data.slots["reward"].mean()) if len(data.slots) else None
+            if self.cfg.estimate_share and self._estimates_off_policy(data):
+                data = data.split_for_estimate(self.cfg.estimate_share)
+                result.data["estimate_impressions"] = len(data.estimate_impressions or [])
             n_records = self._prepare(data)
             result.data["records"] = n_records
             if n_records < self.cfg.min_records:
@@ -390,6 +412,10 @@ class FeedbackLoop:
             log(None, f"loop {rid}: {result.status} ({result.reason}) in {result.seconds:.0f} s", self.quiet)
             self.running = False
             self._lock.release()
+
+    def _estimates_off_policy(self, data: RoundData) -> bool:
+        prop = data.slots["propensity"] if "propensity" in data.slots.columns else pd.Series(dtype=float)
+        return self.cfg.gate.off_policy != "off" and bool((prop.notna() & (prop < 1.0)).any())
 
     def _prepare(self, data: RoundData) -> int:
         method = self.cfg.method
@@ -471,6 +497,9 @@ def default_off_policy(candidate: Recommender, data: RoundData) -> dict:
     """SNIPS estimate of the candidate's reward per slot from the round's logged propensities."""
     from dragonrec.evaluate.off_policy import estimate_candidate
 
+    if data.estimate_slots is not None and len(data.estimate_slots):
+        return estimate_candidate(candidate, data.estimate_slots, data.estimate_impressions, data.history_events,
+                                  data.catalog)
     return estimate_candidate(candidate, data.slots, data.impressions, data.history_events, data.catalog)
 
 
