@@ -165,3 +165,20 @@ def test_rees46_slice_links_carts_and_purchases_across_categories():
     users = [g for _, g in strong.groupby("user_id") if g["item_idx"].isin(coo.row).any()]
     s = src.scores([g["item_idx"].to_numpy() for g in users], [g["action"].to_numpy() for g in users])
     assert s.shape == (len(users), len(ds.catalog)) and np.isfinite(s).any(axis=1).all()
+
+
+def test_the_pipeline_takes_complements_as_a_source(chain_dir):
+    """Named in the pipeline's quotas, the source is built from its overrides and proposes with its reason."""
+    from dragonrec.data import leave_one_out, load_dataset
+    from dragonrec.pipeline import Pipeline, PipelineConfig
+
+    ds = load_dataset(chain_dir)
+    split = leave_one_out(ds.events)
+    cfg = PipelineConfig(sources={"cooccurrence": 5, "complements": 5, "popularity": 2}, scorer="none",
+                         rest=None, overrides={"complements": {"min_support": 1, "cross_category": False,
+                                                               "window_hours": 24 * 365}})
+    pipe = Pipeline(cfg).fit(split.train, ds.catalog)
+    assert isinstance(pipe.sources["complements"], ComplementsSource)
+    assert pipe.sources["complements"].cfg.min_support == 1
+    rec = pipe.recommend_for(split.test.histories[0], split.test.actions[0], n=5)
+    assert len(rec) == 5

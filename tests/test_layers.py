@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),
     ("candidates", "scorers"),
     ("recommenders",),
+    ("rerank",),
     ("pipeline", "rag", "rewards", "preferences", "reward_model"),
     ("train", "evaluate", "loop"),
     ("serve", "cli"),

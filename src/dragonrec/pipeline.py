@@ -30,6 +30,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dragonrec.candidates.cold import ColdStart, ColdStartConfig
+from dragonrec.candidates.complements import ComplementsConfig, ComplementsSource
 from dragonrec.candidates.query import Preferences, QueryConfig
 from dragonrec.candidates.sources import (
     CandidateSource,
@@ -45,6 +46,7 @@ from dragonrec.data.catalog import Catalog
 from dragonrec.embed import Embedder
 from dragonrec.recommenders import build
 from dragonrec.recommenders.base import Recommender
+from dragonrec.rerank import DiversityReranker, Filters, RerankConfig, Reranker, RerankRequest
 from dragonrec.schema import Action, parse_action, positive_mask
 from dragonrec.scorers.base import ItemView, Scorer, ScoreRequest, ScoreResult, Usage
 from dragonrec.text import catalog_texts
@@ -56,6 +58,7 @@ SOURCE_REASONS: dict[str, str] = {
     "dense": "similar to what you liked",
     "cooccurrence": "often bought next after items in your history",
     "popularity": "popular with shoppers",
+    "complements": "goes with items you picked",
     "cold_start": "new or rarely seen: worth a look",
 }
 
@@ -87,6 +90,8 @@ class PipelineConfig(BaseModel):
     """The list for users with no positive event and no stated preferences."""
     reason_chars: int = Field(80, ge=10)
     """Degraded-request reasons are counted by their first this-many characters."""
+    rerank: RerankConfig | None = None
+    """Shop rules, diversity, category caps and calibration (dragonrec.rerank); None = only drop banned items."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -124,6 +129,10 @@ class RequestContext(BaseModel):
     """What the user told us: free text and/or categories (a string is free text)."""
     exclude: list[str] = Field(default_factory=list)
     """Item ids never to recommend (out of stock, already shown, ...)."""
+    diversity: float | None = Field(None, ge=0.0, le=1.0)
+    """MMR lambda for this request, 0 (relevance order) .. 1; None = the re-rank config's."""
+    filters: Filters | None = None
+    """Business filters for this request: categories, brands, price range."""
 
     def prefs(self) -> Preferences | None:
         p = Preferences(text=self.preferences) if isinstance(self.preferences, str) else self.preferences
@@ -175,16 +184,6 @@ class Recommendations(list):
     @property
     def reasons(self) -> list[str]:
         return [r.reason for r in self]
-
-
-class Reranker:
-    """The last stage: re-orders one request's scored list. This one only drops banned items (history, cart,
-    the request's exclusions); diversity (MMR), category spread and business filters subclass it."""
-
-    def rerank(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray) -> np.ndarray:
-        """Positions into `items` in the new order (dropped items left out). `items` [m] catalog indices, best
-        first; `scores` [m] their scores; `banned` catalog indices that must not appear."""
-        return np.flatnonzero(~np.isin(items, banned))
 
 
 @dataclass
@@ -239,7 +238,7 @@ class Pipeline(Recommender):
         self.scorer = scorer
         self.given_sources = dict(sources or {})
         self.embedder = embedder
-        self.reranker = reranker or Reranker()
+        self.reranker = reranker or (Reranker() if self.cfg.rerank is None else DiversityReranker(self.cfg.rerank))
         self.counters = PipelineStats()
         self.last_usage = Usage()  # the scorer's usage over the latest score() call
         self._lock = threading.Lock()
@@ -282,6 +281,8 @@ class Pipeline(Recommender):
                 src = DenseSource(self.cfg.dense, embedder=self.embedder)
             elif key == "popularity":
                 src = PopularitySource()
+            elif key == "complements":
+                src = ComplementsSource(ComplementsConfig(**(self.cfg.overrides.get("complements") or {})))
             elif key == "model":
                 m = recommender(self.cfg.model, "model")
                 src = ModelSource(m, name="model", reason=f"{m.name} predicts it next")
@@ -295,8 +296,23 @@ class Pipeline(Recommender):
             self.scorer = self._make_scorer(self.cfg.scorer, recommender, train, catalog, valid)
         self.cold = ColdStart(self.cfg.cold_start).fit(train, len(catalog))
         self._cold_scores = self.cold.scores()
+        self._fit_reranker(catalog)
         self.reset_stats()
         return self
+
+    def _fit_reranker(self, catalog: Catalog) -> None:
+        """A DiversityReranker reads the catalog and the item text vectors (the dense source's, or embedded
+        with its settings: cached on disk)."""
+        if not isinstance(self.reranker, DiversityReranker):
+            return
+        dense = self.sources.get("dense")
+        vectors = getattr(dense, "item_vectors", None)
+        if vectors is None or len(vectors) != len(catalog):
+            from dragonrec.embed import embed_catalog
+
+            vectors = embed_catalog(catalog, cache_dir=self.cfg.dense.cache_dir, template=self.cfg.dense.template,
+                                    embedder=self.embedder)
+        self.reranker.fit(catalog, vectors)
 
     def _make_scorer(self, spec: str, recommender, train, catalog, valid) -> Scorer | None:
         from dragonrec.scorers.model import ModelScorer
@@ -332,6 +348,7 @@ class Pipeline(Recommender):
         self.cold.explore_pool = np.asarray([j for j, i in enumerate(new_ids) if i not in old or i in was_explore],
                                             dtype=np.int64)
         self.catalog, self._texts, self._cold_scores = catalog, None, self.cold.scores()
+        self._fit_reranker(catalog)
         return {"added": len(new - old), "removed": len(old - new), "changed": changed}
 
     # -- counters -----------------------------------------------------------------------------------------
@@ -349,8 +366,10 @@ class Pipeline(Recommender):
     # -- the stages, batched ------------------------------------------------------------------------------
     def _rank(self, histories: list[np.ndarray], actions, banned: list[np.ndarray],
               preferences: list[Preferences | None] | None = None,
-              timings: dict[str, float] | None = None) -> tuple[list[_Ranked], np.ndarray | None]:
-        """Every stage for a batch: ([B] ranked lists (empty = cold), [B, n] rest scores or None)."""
+              timings: dict[str, float] | None = None,
+              requests: list[RerankRequest] | None = None) -> tuple[list[_Ranked], np.ndarray | None]:
+        """Every stage for a batch: ([B] ranked lists (empty = cold), [B, n] rest scores or None); `requests`
+        tell the re-ranker each row's history, diversity and list length."""
         t0 = time.perf_counter()
         B, n = len(histories), len(self.catalog)
         prefs = preferences or [None] * B
@@ -389,7 +408,9 @@ class Pipeline(Recommender):
             results = self._score_union(union, h, a, p, skip=pref_only)
             t2 = time.perf_counter()
             for i, b in enumerate(rows):
-                out[b] = self._finish(union, i, results[i], banned[b])
+                req = requests[b] if requests is not None else RerankRequest(
+                    histories[b], None if actions is None else actions[b])
+                out[b] = self._finish(union, i, results[i], banned[b], req)
             if timings is not None:
                 timings.update(candidates_s=t1 - t0, score_s=t2 - t1, rerank_s=time.perf_counter() - t2)
         with self._lock:
@@ -443,7 +464,8 @@ class Pipeline(Recommender):
             candidates=[ItemView(int(i), texts[i]) for i in items],
             preferences=prefs, retrieval_scores=np.asarray(fused, dtype=np.float32))
 
-    def _finish(self, union: CandidateUnion, i: int, res: ScoreResult | None, banned: np.ndarray) -> _Ranked:
+    def _finish(self, union: CandidateUnion, i: int, res: ScoreResult | None, banned: np.ndarray,
+                request: RerankRequest) -> _Ranked:
         """Scorer order (retrieval order where there is no scorer or it failed), then the re-ranker."""
         pos = union.row(i)  # already in fused retrieval order
         fused = union.fused[i, pos]
@@ -457,7 +479,7 @@ class Pipeline(Recommender):
             reasons = [res.reasons[j] for j in order]
         pos = pos[order]
         items = union.items[i, pos]
-        keep = self.reranker.rerank(items, shown[order], banned)
+        keep = self.reranker.rerank_for(items, shown[order], banned, request)
         return _Ranked(items[keep], shown[order][keep].astype(np.float64), union.primary[i, pos][keep],
                        union.ranks[i, pos][keep], None if reasons is None else [reasons[j] for j in keep],
                        res is not None and res.degraded, None if res is None else res.degraded_reason,
@@ -476,19 +498,24 @@ class Pipeline(Recommender):
         the order of the `rest` source's scores (-inf without one); users with no positive signal get the
         cold-start list. What `recommend_for` answers is the top of the same order."""
         histories = [np.asarray(h, dtype=np.int64) for h in histories]
-        banned = [h if self.cfg.exclude_history else np.zeros(0, np.int64) for h in histories]
-        ranked, rest = self._rank(histories, None if actions is None else list(actions), banned)
+        actions = None if actions is None else list(actions)
+        requests = [RerankRequest(h, None if actions is None else actions[b]) for b, h in enumerate(histories)]
+        ruled = [self.reranker.excluded(r) for r in requests]  # shop rules: out of every list and the rest
+        banned = [np.union1d(h if self.cfg.exclude_history else np.zeros(0, np.int64), x)
+                  for h, x in zip(histories, ruled)]
+        ranked, rest = self._rank(histories, actions, banned, requests=requests)
         out = np.full((len(histories), len(self.catalog)), -np.inf, dtype=np.float32) if rest is None else rest
         self.last_usage = Usage()
         for b, r in enumerate(ranked):
             self.last_usage += r.usage
             if r.cold:
                 out[b] = self._cold_scores
-                continue
-            finite = out[b][np.isfinite(out[b])]
-            top = float(finite.max()) if len(finite) else 0.0
-            # list position p of m gets top + 1 + (m - p): above every non-candidate, in list order
-            out[b, r.items] = top + 1.0 + (len(r.items) - np.arange(len(r.items), dtype=np.float32))
+            else:
+                finite = out[b][np.isfinite(out[b])]
+                top = float(finite.max()) if len(finite) else 0.0
+                # list position p of m gets top + 1 + (m - p): above every non-candidate, in list order
+                out[b, r.items] = top + 1.0 + (len(r.items) - np.arange(len(r.items), dtype=np.float32))
+            out[b, ruled[b]] = -np.inf
         return out
 
     def recommend(self, history: np.ndarray, n: int = 10, exclude: Iterable[int] | None = None,
@@ -552,13 +579,15 @@ class Pipeline(Recommender):
                                                     + [Action.VIEW.value] * len(here), dtype=object)])
             history = np.concatenate([history, extra])
         skip_history = self.cfg.exclude_history if exclude_history is None else exclude_history
+        request = RerankRequest(history, acts, ctx.diversity, ctx.filters, n)
         banned = np.unique(np.concatenate([history if skip_history else np.zeros(0, np.int64), extra,
                                            self.catalog.indices(ctx.exclude),
-                                           np.asarray(list(exclude or []), dtype=np.int64)]))
+                                           np.asarray(list(exclude or []), dtype=np.int64),
+                                           self.reranker.excluded(request)]))
         prefs = ctx.prefs()
         timings: dict[str, float] = {}
         ranked, rest = self._rank([history], None if acts is None else [acts], [banned],
-                                  None if prefs is None else [prefs], timings)
+                                  None if prefs is None else [prefs], timings, [request])
         r = ranked[0]
         if r.cold:
             out = self._cold_list(banned, n, seed)
@@ -645,4 +674,4 @@ def _has_signal(history: np.ndarray, actions, prefs: Preferences | None) -> bool
 
 
 __all__ = ["DEFAULT_QUOTAS", "Pipeline", "PipelineConfig", "PipelineStats", "Recommendations", "Recommended",
-           "RequestContext", "Reranker", "make_scorer"]
+           "RequestContext", "RerankConfig", "Reranker", "make_scorer"]

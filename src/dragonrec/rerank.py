@@ -1,0 +1,283 @@
+"""The re-rank stage: shop rules (bought, out-of-stock, hidden items and per-request filters), then diversity
+(maximal marginal relevance over item text embeddings), category caps and calibration to the user's interests.
+
+    cfg = PipelineConfig.union(rerank=RerankConfig(diversity=0.3, category_cap=3, calibration=0.5))
+    pipe = Pipeline(cfg).fit(train, catalog)       # the pipeline uses a DiversityReranker
+    pipe.recommend_for(history, actions, n=10, context={"diversity": 0.5,
+                                                        "filters": {"categories": ["hair care"], "max_price": 30}})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dragonrec.data.catalog import Catalog
+from dragonrec.schema import Action, positive_mask
+
+
+class Filters(BaseModel):
+    """Per-request business filters: only these categories or brands, a price range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[str] = Field(default_factory=list)
+    """Keep items whose category path contains one of these (case-insensitive)."""
+    exclude_categories: list[str] = Field(default_factory=list)
+    """Leave out items whose category path contains one of these (case-insensitive)."""
+    brands: list[str] = Field(default_factory=list)
+    """Keep items of these brands (case-insensitive)."""
+    min_price: float | None = Field(None, ge=0)
+    max_price: float | None = Field(None, ge=0)
+    """With a price bound, items without a price are left out."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Filters:
+        if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
+            raise ValueError(f"min_price {self.min_price} is above max_price {self.max_price}")
+        return self
+
+
+class RerankConfig(BaseModel):
+    """How a scored list is finished: shop rules, then diversity, category caps and calibration."""
+
+    diversity: float = Field(0.0, ge=0.0, le=1.0)
+    """MMR lambda: 0 = pure relevance (the input order), 1 = only dissimilarity; a request may override it."""
+    category_cap: int | None = Field(None, ge=1)
+    """At most this many items per category in the re-ranked head (while the candidates allow it)."""
+    calibration: float = Field(0.0, ge=0.0)
+    """Weight of the KL penalty pulling the list's category mix toward the history's (Steck 2018); 0 = off."""
+    calibration_alpha: float = Field(0.01, gt=0.0, lt=1.0)
+    """Smoothing of the list's category distribution, q~ = (1 - alpha) q + alpha p (Steck 2018, eq. 5)."""
+    category_depth: int | None = Field(None, ge=1)
+    """Levels of the category path that name a category ('A > B > C' at 2 is 'A > B'); None = the full path."""
+    head: int = Field(20, ge=1)
+    """List positions chosen greedily (at least the request's n); the candidates below keep their order."""
+    exclude_bought: bool = True
+    """Never recommend an item the user bought, unless its category is re-buyable."""
+    rebuy_categories: list[str] = Field(default_factory=list)
+    """Category substrings (case-insensitive) whose items may be bought again: consumables ('shampoo')."""
+    hidden_items: list[str] = Field(default_factory=list)
+    """Item ids never recommended (hidden, discontinued, out of stock); more via `DiversityReranker.hide`."""
+    stock_attributes: bool = True
+    """Read the catalog's `in_stock` (False), `stock` (<= 0) and `hidden` (True) columns where present."""
+
+
+@dataclass
+class RerankRequest:
+    """What the re-ranker knows of one request."""
+
+    history: np.ndarray  # [h] catalog indices, oldest first (the cart and the page's item included)
+    actions: np.ndarray | None = None  # [h] action values, or None (unknown)
+    diversity: float | None = None  # None: the config's
+    filters: Filters | None = None
+    n: int | None = None  # the list length asked for (the greedy head is at least this long)
+
+
+class Reranker:
+    """The last stage: re-orders one request's scored list. This one only drops banned items (history, cart,
+    the request's exclusions); `DiversityReranker` adds shop rules, diversity, caps and calibration."""
+
+    def rerank(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray) -> np.ndarray:
+        """Positions into `items` in the new order (dropped items left out). `items` [m] catalog indices, best
+        first; `scores` [m] their scores; `banned` catalog indices that must not appear."""
+        return np.flatnonzero(~np.isin(items, banned))
+
+    def rerank_for(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray,
+                   request: RerankRequest) -> np.ndarray:
+        """`rerank` with what the request knows (this one ignores it)."""
+        return self.rerank(items, scores, banned)
+
+    def excluded(self, request: RerankRequest) -> np.ndarray:
+        """Catalog indices the request's shop rules leave out (banned everywhere: candidates, fill, cold list)."""
+        if request.filters is not None or (request.diversity or 0.0) > 0:
+            raise ValueError("per-request diversity and filters need a DiversityReranker: set PipelineConfig.rerank")
+        return np.zeros(0, np.int64)
+
+
+class DiversityReranker(Reranker):
+    """Shop rules, then a greedy list: at each position the candidate j maximising
+
+        (1 - lambda) * rel_j - lambda * max_{i chosen} cos(e_j, e_i) - calibration * KL(p || q~(chosen + j))
+
+    (MMR, Carbonell & Goldstein 1998; calibrated recommendations, Steck 2018), among candidates whose category
+    is under its cap. rel = the scores min-max normalised within the list (made non-increasing along the input
+    order, so lambda 0 keeps it exactly); p = the category mix of the user's positive history events."""
+
+    def __init__(self, cfg: RerankConfig | None = None):
+        self.cfg = cfg or RerankConfig()
+        self.vectors: np.ndarray | None = None
+        self.catalog: Catalog | None = None
+
+    def fit(self, catalog: Catalog, vectors: np.ndarray | None = None) -> DiversityReranker:
+        """Read the catalog (categories, brands, prices, stock) and the item text vectors [n_catalog, dim]."""
+        cfg, n = self.cfg, len(catalog)
+        self.catalog = catalog
+        if vectors is not None:
+            v = np.asarray(vectors, dtype=np.float32)
+            if v.shape[0] != n:
+                raise ValueError(f"{v.shape[0]} item vectors for a catalog of {n} items")
+            self.vectors = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        paths = catalog.categories
+        self.paths_lower = np.asarray([p.lower() for p in paths], dtype=object)
+        keys = [category_key(p, cfg.category_depth) or f"#{i}" for i, p in enumerate(paths)]  # unknown: its own
+        _, self.category_codes = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+        self.known_category = np.asarray([bool(p) for p in paths], dtype=bool)
+        items = catalog.items
+        self.brands = (items["brand"].fillna("").astype(str).str.lower().to_numpy(dtype=object)
+                       if "brand" in items else np.full(n, "", dtype=object))
+        self.prices = (np.asarray(pd_numeric(items["price"]), dtype=np.float64) if "price" in items
+                       else np.full(n, np.nan))
+        rebuy = [c.lower() for c in cfg.rebuy_categories]
+        self.rebuyable = np.fromiter((any(c in p for c in rebuy) for p in self.paths_lower), bool, n)
+        hidden = np.zeros(n, dtype=bool)
+        if cfg.stock_attributes:
+            if "in_stock" in items:
+                hidden |= items["in_stock"].map(lambda x: x is False or x == 0).to_numpy(dtype=bool)
+            if "stock" in items:
+                hidden |= np.nan_to_num(np.asarray(pd_numeric(items["stock"]), dtype=np.float64), nan=1.0) <= 0
+            if "hidden" in items:
+                hidden |= items["hidden"].map(lambda x: x is True or x == 1).to_numpy(dtype=bool)
+        self.hidden = hidden
+        self.hide(cfg.hidden_items)
+        return self
+
+    def hide(self, item_ids, hidden: bool = True) -> None:
+        """Hide (out of stock, withdrawn) or show again items by id; unknown ids are ignored."""
+        idx = [self.catalog.index_of(i) for i in item_ids if i in self.catalog]
+        self.hidden[idx] = hidden
+
+    # -- shop rules -----------------------------------------------------------------------------------------
+    def excluded(self, request: RerankRequest) -> np.ndarray:
+        """Hidden or out-of-stock items, items bought before (unless re-buyable) and the filters' leftovers."""
+        out = self.hidden.copy()
+        if self.cfg.exclude_bought and request.actions is not None and len(request.history):
+            acts = np.asarray(request.actions, dtype=object)
+            bought = np.asarray(request.history, dtype=np.int64)[acts == Action.PURCHASE.value]
+            out[bought[~self.rebuyable[bought]]] = True
+        f = request.filters
+        if f is not None:
+            n = len(out)
+            if f.categories:
+                wanted = [c.lower() for c in f.categories]
+                out |= ~np.fromiter((any(w in p for w in wanted) for p in self.paths_lower), bool, n)
+            if f.exclude_categories:
+                unwanted = [c.lower() for c in f.exclude_categories]
+                out |= np.fromiter((any(w in p for w in unwanted) for p in self.paths_lower), bool, n)
+            if f.brands:
+                out |= ~np.isin(self.brands, [b.lower() for b in f.brands])
+            if f.min_price is not None:
+                out |= ~(np.nan_to_num(self.prices, nan=-np.inf) >= f.min_price)
+            if f.max_price is not None:
+                out |= ~(np.nan_to_num(self.prices, nan=np.inf) <= f.max_price)
+        return np.flatnonzero(out)
+
+    # -- the greedy list ------------------------------------------------------------------------------------
+    def rerank_for(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray,
+                   request: RerankRequest) -> np.ndarray:
+        keep = self.rerank(items, scores, banned)
+        cfg = self.cfg
+        lam = cfg.diversity if request.diversity is None else float(request.diversity)
+        if not len(keep) or (lam <= 0 and cfg.category_cap is None and cfg.calibration <= 0):
+            return keep
+        target = self.interest_mix(request.history, request.actions) if cfg.calibration > 0 else {}
+        order = self.select(items[keep], scores[keep], lam, max(cfg.head, request.n or 0), target)
+        return keep[order]
+
+    def interest_mix(self, history: np.ndarray, actions: np.ndarray | None) -> dict[int, float]:
+        """p(c | u): category code -> share of the user's positive history events (known categories only)."""
+        h = np.asarray(history, dtype=np.int64)
+        if actions is not None and len(h):
+            h = h[positive_mask(np.asarray(actions, dtype=object))]
+        h = h[self.known_category[h]]
+        if not len(h):
+            return {}
+        codes, counts = np.unique(self.category_codes[h], return_counts=True)
+        return {int(c): float(k) / len(h) for c, k in zip(codes, counts)}
+
+    def select(self, items: np.ndarray, scores: np.ndarray, lam: float, head: int,
+               target: dict[int, float]) -> np.ndarray:
+        """Positions into `items` [m] (best first): a greedy head of up to `head` picks, then the rest in order."""
+        cfg, m = self.cfg, len(items)
+        rel = _relevance(scores)
+        cats = self.category_codes[items]
+        capped = self.known_category[items]  # unknown categories are their own: never capped
+        use_sim = lam > 0 and self.vectors is not None
+        if lam > 0 and self.vectors is None:
+            raise ValueError("diversity needs item vectors: fit the DiversityReranker with vectors")
+        emb = self.vectors[items] if use_sim else None
+        max_sim = np.zeros(m)
+        # calibration: the history's categories as slots; candidates outside them share one KL value
+        p_codes = np.asarray(list(target), dtype=np.int64)
+        p = np.asarray([target[c] for c in p_codes], dtype=np.float64)
+        slot = {int(c): s for s, c in enumerate(p_codes)}
+        cand_slot = np.asarray([slot.get(int(c), -1) for c in cats], dtype=np.int64)
+        in_p = np.zeros(len(p))  # chosen items per history category
+        counts: dict[int, int] = {}
+        left = np.ones(m, dtype=bool)
+        chosen: list[int] = []
+        for k in range(min(head, m)):
+            gain = (1.0 - lam) * rel
+            if use_sim and chosen:
+                gain = gain - lam * max_sim
+            if cfg.calibration > 0 and len(p):
+                gain = gain - cfg.calibration * _kl_if_added(p, in_p, k, cfg.calibration_alpha)[cand_slot]
+            ok = left.copy()
+            if cfg.category_cap is not None:
+                full = np.asarray([counts.get(int(c), 0) >= cfg.category_cap for c in cats], dtype=bool)
+                ok &= ~(full & capped)
+            if not ok.any():
+                break
+            j = int(np.flatnonzero(ok)[np.argmax(gain[ok])])  # ties: the earlier (more relevant) item
+            chosen.append(j)
+            left[j] = False
+            counts[int(cats[j])] = counts.get(int(cats[j]), 0) + 1
+            if cand_slot[j] >= 0:
+                in_p[cand_slot[j]] += 1
+            if use_sim:
+                max_sim = np.maximum(max_sim, emb @ emb[j])
+        return np.concatenate([np.asarray(chosen, dtype=np.int64), np.flatnonzero(left)])
+
+
+def category_key(path: str, depth: int | None) -> str:
+    """The category an item counts under: its path cut to `depth` levels ('' stays unknown)."""
+    if not path or depth is None:
+        return path
+    return " > ".join(p.strip() for p in path.split(">")[:depth])
+
+
+def pd_numeric(col) -> np.ndarray:
+    """A column as float64, NaN where it is not a number."""
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _relevance(scores: np.ndarray) -> np.ndarray:
+    """[m] in [0, 1]: scores made non-increasing along the list (a lower position is never more relevant),
+    non-finite ones set to the lowest finite, then min-max normalised; a flat list is all ones."""
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(s)
+    if not finite.any():
+        return np.ones(len(s))
+    s = np.where(finite, s, s[finite].min())
+    s = np.minimum.accumulate(s)
+    lo, hi = s.min(), s.max()
+    return np.ones(len(s)) if hi <= lo else (s - lo) / (hi - lo)
+
+
+def _kl_if_added(p: np.ndarray, in_p: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """[len(p) + 1] KL(p || q~) of the list after adding one item of history category s (entry s), or of a
+    category outside the history (the last entry). q = counts / (k + 1), q~ = (1 - alpha) q + alpha p."""
+    q = in_p / (k + 1)
+    base = (1 - alpha) * q + alpha * p
+    outside = float(np.sum(p * np.log(p / base)))
+    bump = (1 - alpha) / (k + 1)
+    # adding to slot s changes only that term
+    terms = p * np.log(p / base)
+    added = p * np.log(p / (base + bump))
+    return np.append(outside - terms + added, outside)
+
+
+__all__ = ["DiversityReranker", "Filters", "RerankConfig", "RerankRequest", "Reranker", "category_key"]

@@ -1,0 +1,225 @@
+"""The re-rank stage: MMR on hand-made vectors, category caps, calibration, shop rules and filters, and the
+diversity knob through the pipeline on a real Beauty slice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shared_dataset
+
+from dragonrec.candidates.sources import DenseConfig
+from dragonrec.data import Catalog, leave_one_out, load_dataset
+from dragonrec.embed import HashEmbedder
+from dragonrec.evaluate.metrics import intra_list_diversity
+from dragonrec.pipeline import Pipeline, PipelineConfig
+from dragonrec.rerank import DiversityReranker, Filters, RerankConfig, Reranker, RerankRequest, category_key
+
+NO_CACHE = DenseConfig(cache_dir=None)
+
+
+def catalog_of(categories, prices=None, brands=None, **extra) -> Catalog:
+    n = len(categories)
+    return Catalog(pd.DataFrame({
+        "item_id": [f"i{k:02d}" for k in range(n)], "title": [f"item {k}" for k in range(n)],
+        "brand": brands or ["acme"] * n, "category": categories,
+        "price": prices if prices is not None else [10.0] * n, **extra}))
+
+
+def unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def two_clusters() -> np.ndarray:
+    """a0 a1 a2 along an arc near e0, b0 b1 b2 along an arc near e1: a0-a2 and b0-b2 are the farthest pairs."""
+    a = [unit([1, 0, t, 0]) for t in (0.0, 0.5, 1.0)]
+    b = [unit([0, 1, 0, t]) for t in (0.0, 0.5, 1.0)]
+    return np.stack(a + b)
+
+
+def rerank(r: DiversityReranker, items, scores=None, banned=(), **request) -> list[int]:
+    items = np.asarray(items, dtype=np.int64)
+    scores = np.linspace(1.0, 0.0, len(items)) if scores is None else np.asarray(scores, dtype=np.float64)
+    req = RerankRequest(np.asarray(request.pop("history", []), dtype=np.int64), **request)
+    return items[r.rerank_for(items, scores, np.asarray(banned, dtype=np.int64), req)].tolist()
+
+
+# -- MMR ------------------------------------------------------------------------------------------------------
+def test_lambda_zero_keeps_the_exact_input_order():
+    cat = catalog_of(["A"] * 6)
+    r = DiversityReranker(RerankConfig(diversity=0.0)).fit(cat, two_clusters())
+    order = [3, 0, 5, 1, 4, 2]
+    # scores not monotone along the list (a scorer's and retrieval's scores mixed): the order still holds
+    assert rerank(r, order, scores=[0.1, 5.0, 0.2, -1.0, 3.0, 0.0]) == order
+    assert rerank(r, order, banned=[5, 1]) == [3, 0, 4, 2]
+    # lambda 0 through the greedy path too (a cap that never binds forces it)
+    capped = DiversityReranker(RerankConfig(diversity=0.0, category_cap=100)).fit(cat, two_clusters())
+    assert rerank(capped, order, scores=[0.1, 5.0, 0.2, -1.0, 3.0, 0.0]) == order
+
+
+def test_lambda_one_alternates_clusters_and_keeps_the_top_item():
+    cat = catalog_of(["A"] * 6)
+    r = DiversityReranker(RerankConfig(diversity=1.0)).fit(cat, two_clusters())
+    out = rerank(r, [0, 1, 2, 3, 4, 5])
+    cluster = ["a" if i < 3 else "b" for i in out]
+    assert out[0] == 0 and cluster == ["a", "b", "a", "b", "a", "b"]
+    assert out[:4] == [0, 3, 2, 5]  # after each cluster's first, the member farthest from it
+    assert rerank(DiversityReranker().fit(cat, two_clusters()), [0, 1, 2, 3, 4, 5]) == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_request_overrides_the_configured_diversity_and_more_diversity_spreads_more():
+    cat = catalog_of(["A"] * 6)
+    vec = two_clusters()
+    r = DiversityReranker(RerankConfig(diversity=0.0)).fit(cat, vec)
+    base = [0, 1, 2, 3, 4, 5]
+    assert rerank(r, base, diversity=1.0) == rerank(DiversityReranker(RerankConfig(diversity=1.0)).fit(cat, vec), base)
+    ild = [intra_list_diversity([rerank(r, base, diversity=d)[:3]], embeddings=vec) for d in (0.0, 0.3, 0.6, 1.0)]
+    assert ild == sorted(ild) and ild[-1] > ild[0]
+    with pytest.raises(ValueError, match="item vectors"):
+        rerank(DiversityReranker().fit(cat), base, diversity=0.5)
+
+
+# -- category caps and calibration ----------------------------------------------------------------------------
+def test_category_caps_hold_in_the_head_while_the_candidates_allow():
+    cats = ["X"] * 6 + ["Y"] * 4 + ["", ""]
+    r = DiversityReranker(RerankConfig(category_cap=2, head=10)).fit(catalog_of(cats))
+    out = rerank(r, list(range(12)))
+    assert sorted(out) == list(range(12))
+    assert out[:6] == [0, 1, 6, 7, 10, 11]  # two X, two Y, the unknown-category items are never capped
+    assert out[6:] == [2, 3, 4, 5, 8, 9]  # what the caps held back follows, in order
+    # the cap is per category at a depth of the path
+    deep = ["B > Hair > Shampoo", "B > Hair > Conditioner", "B > Hair > Oil", "B > Skin > Lotion", "B > Skin > Oil"]
+    r2 = DiversityReranker(RerankConfig(category_cap=1, category_depth=2)).fit(catalog_of(deep))
+    assert rerank(r2, [0, 1, 2, 3, 4])[:2] == [0, 3]
+    assert category_key("B > Hair > Oil", 2) == "B > Hair" and category_key("", 2) == ""
+
+
+def test_calibration_moves_the_category_mix_toward_the_history():
+    cats = ["Y"] * 8 + ["X"] * 8 + ["X", "X", "X", "Y"]  # items 16..19 are the history (3 X, 1 Y)
+    cat = catalog_of(cats)
+    history = np.array([16, 17, 18, 19])
+    plain = DiversityReranker().fit(cat)
+    some = DiversityReranker(RerankConfig(calibration=1.0)).fit(cat)
+    calibrated = DiversityReranker(RerankConfig(calibration=20.0)).fit(cat)
+    items = list(range(16))  # the 8 Y items are the most relevant
+
+    def share_x(lst):
+        return float(np.mean([cats[i] == "X" for i in lst[:8]]))
+
+    mix = [share_x(rerank(r, items, history=history)) for r in (plain, some, calibrated)]
+    assert mix[0] == 0.0 < mix[1] < mix[2] <= 0.75, mix  # toward the history's 3:1 mix
+    # with relevance flat, the greedy KL list matches the mix exactly
+    assert share_x(rerank(some, items, scores=np.ones(16), history=history)) == 0.75
+    assert calibrated.interest_mix(history, None) == {int(calibrated.category_codes[16]): 0.75,
+                                                      int(calibrated.category_codes[19]): 0.25}
+    # only positive events set the interests: a scrolled-past Y leaves the mix to X alone
+    acts = np.array(["purchase", "scroll_past"], dtype=object)
+    assert calibrated.interest_mix(np.array([16, 19]), acts) == {int(calibrated.category_codes[16]): 1.0}
+    # without a history there is nothing to calibrate to
+    assert rerank(calibrated, items) == items
+
+
+# -- shop rules -----------------------------------------------------------------------------------------------
+def test_bought_items_are_excluded_unless_their_category_may_be_rebought():
+    cat = catalog_of(["Beauty > Hair Care > Shampoos", "Beauty > Tools > Brushes", "Beauty > Tools > Combs"])
+    history, acts = np.array([0, 1, 2]), np.array(["purchase", "purchase", "view"], dtype=object)
+    r = DiversityReranker(RerankConfig(rebuy_categories=["shampoo"])).fit(cat)
+    assert r.excluded(RerankRequest(history, acts)).tolist() == [1]
+    assert DiversityReranker().fit(cat).excluded(RerankRequest(history, acts)).tolist() == [0, 1]
+    assert DiversityReranker(RerankConfig(exclude_bought=False)).fit(cat).excluded(
+        RerankRequest(history, acts)).tolist() == []
+    assert r.excluded(RerankRequest(history, None)).tolist() == []  # unknown actions: nothing known bought
+
+
+def test_out_of_stock_and_hidden_items_are_excluded():
+    cat = catalog_of(["A"] * 6, in_stock=[True, False, True, True, True, True], stock=[5, 3, 0, np.nan, 2, 1],
+                     hidden=[False, False, False, False, True, False])
+    r = DiversityReranker(RerankConfig(hidden_items=["i05", "unknown"])).fit(cat)
+    assert r.excluded(RerankRequest(np.zeros(0, np.int64))).tolist() == [1, 2, 4, 5]
+    r.hide(["i00"])
+    r.hide(["i05"], hidden=False)
+    assert r.excluded(RerankRequest(np.zeros(0, np.int64))).tolist() == [0, 1, 2, 4]
+    assert DiversityReranker(RerankConfig(stock_attributes=False)).fit(cat).excluded(
+        RerankRequest(np.zeros(0, np.int64))).tolist() == []
+
+
+def test_filters_by_category_brand_and_price():
+    cat = catalog_of(["Beauty > Hair Care", "Beauty > Skin Care", "Beauty > Hair Care > Oils", "Beauty > Nails"],
+                     prices=[5.0, 20.0, np.nan, 50.0], brands=["Acme", "Zenith", "acme", "Zenith"])
+    r = DiversityReranker().fit(cat)
+
+    def kept(**f):
+        out = set(r.excluded(RerankRequest(np.zeros(0, np.int64), filters=Filters(**f))).tolist())
+        return sorted(set(range(4)) - out)
+
+    assert kept(categories=["hair care"]) == [0, 2]
+    assert kept(exclude_categories=["HAIR"]) == [1, 3]
+    assert kept(brands=["ACME"]) == [0, 2]
+    assert kept(min_price=10) == [1, 3]  # no price: out with a price bound
+    assert kept(max_price=20) == [0, 1]
+    assert kept(categories=["care"], max_price=10) == [0]
+    with pytest.raises(ValueError, match="min_price"):
+        Filters(min_price=10, max_price=5)
+
+
+# -- through the pipeline -------------------------------------------------------------------------------------
+def chain_config(rerank: RerankConfig | None) -> PipelineConfig:
+    return PipelineConfig.union({"dense": 4, "cooccurrence": 3, "popularity": 2}, model="cooccurrence",
+                                scorer="model:cooccurrence", rest="cooccurrence", dense=NO_CACHE, rerank=rerank)
+
+
+def test_pipeline_default_is_unchanged_and_filters_hold_in_fill_and_cold_lists(chain_dataset):
+    ds = chain_dataset
+    split = leave_one_out(ds.events)
+    plain = Pipeline(chain_config(None), embedder=HashEmbedder()).fit(split.train, ds.catalog)
+    knob = Pipeline(chain_config(RerankConfig()), embedder=HashEmbedder()).fit(split.train, ds.catalog)
+    assert type(plain.reranker) is Reranker and isinstance(knob.reranker, DiversityReranker)
+    h, a = split.test.histories[:8], split.test.actions[:8]
+    for hist, acts in zip(h, a):
+        assert plain.recommend_for(hist, acts, 6).items == knob.recommend_for(hist, acts, 6).items
+    # offline scores too; bought items (every chain event is a purchase) drop below everything, as served
+    s_plain, s_knob = plain.score(h, a), knob.score(h, a)
+    bought = np.zeros_like(s_plain, dtype=bool)
+    for b, hist in enumerate(h):
+        bought[b, hist] = True
+    np.testing.assert_array_equal(s_plain[~bought], s_knob[~bought])
+    assert (s_knob[bought] == -np.inf).all()
+    rebuy = Pipeline(chain_config(RerankConfig(exclude_bought=False)), embedder=HashEmbedder())
+    np.testing.assert_array_equal(s_plain, rebuy.fit(split.train, ds.catalog).score(h, a))
+    with pytest.raises(ValueError, match="DiversityReranker"):
+        plain.recommend_for(h[0], a[0], 5, {"diversity": 0.5})
+    # filters hold for the scored list, the fill below it, and a cold user's list
+    f = {"categories": ["hair"], "max_price": 19}
+    for hist, acts in [(h[0], a[0]), ([], None)]:
+        recs = knob.recommend_for(hist, acts, 10, {"filters": f, "diversity": 0.5})
+        assert recs.items and all(ds.catalog.categories[i].endswith("Hair") and ds.catalog.items.price[i] <= 19
+                                  for i in recs.indices)
+    # hidden items are never served, offline scores included
+    knob.reranker.hide(["i03"])
+    assert all(3 not in knob.recommend_for(hist, acts, 11).indices for hist, acts in zip(h, a))
+    assert (knob.score(h, a)[:, 3] == -np.inf).all()
+
+
+def test_diversity_knob_on_a_beauty_slice_spreads_the_list_and_keeps_the_top_item():
+    ds = load_dataset(shared_dataset("amazon-beauty"))
+    users = ds.events["user_id"].drop_duplicates().iloc[:1500]
+    events = ds.events[ds.events["user_id"].isin(users)].reset_index(drop=True)
+    catalog = Catalog(ds.catalog.items[ds.catalog.items["item_id"].isin(set(events["item_id"]))])
+    events["item_idx"] = catalog.indices(events["item_id"])
+    split = leave_one_out(events)
+    cfg = PipelineConfig.union({"cooccurrence": 100, "popularity": 50}, model="cooccurrence", scorer="model",
+                               rest="cooccurrence", dense=NO_CACHE, rerank=RerankConfig())
+    pipe = Pipeline(cfg, embedder=HashEmbedder()).fit(split.train, catalog)
+    vectors = pipe.reranker.vectors
+    cases = list(zip(split.test.histories[:120], split.test.actions[:120]))
+    lists = {d: [pipe.recommend_for(h, a, 10, {"diversity": d}) for h, a in cases] for d in (0.0, 0.3, 0.7)}
+    emb = {d: intra_list_diversity([r.indices for r in ls], embeddings=vectors) for d, ls in lists.items()}
+    cat = {d: intra_list_diversity([r.indices for r in ls], categories=catalog.categories) for d, ls in lists.items()}
+    assert emb[0.0] < emb[0.3] < emb[0.7], emb
+    assert cat[0.0] < cat[0.7], cat
+    warm = [b for b, r in enumerate(lists[0.0]) if not r.cold]
+    assert len(warm) > 100
+    for d in (0.3, 0.7):
+        assert all(lists[d][b].items[0] == lists[0.0][b].items[0] for b in warm)  # the most relevant stays first
+        assert all(len(lists[d][b]) == 10 for b in warm)
