@@ -106,6 +106,27 @@ class TooLarge(ServiceError):
     status = 413
 
 
+def explore(greedy: list, ranked: list, epsilon: float, pool: int,
+            rng: np.random.Generator | None = None) -> tuple[list, list[float]]:
+    """Epsilon-greedy over a pool, with each slot's exact probability (for off-policy estimates).
+
+    With probability 1 - epsilon the greedy list is shown; otherwise a uniformly random ordered n-subset of the
+    pool (the greedy items, then the ranked list's next items, up to `pool` in all). Then
+    P(item at slot k) = (1 - epsilon) 1[item = greedy_k] + epsilon / M, M the pool's size. A pool no larger
+    than the list, or epsilon 0, is deterministic: every probability 1.
+    """
+    n = len(greedy)
+    ids = {r.item_id for r in greedy}
+    members = list(greedy) + [r for r in ranked if r.item_id not in ids][: max(pool - n, 0)]
+    m = len(members)
+    if epsilon <= 0 or m <= n:
+        return list(greedy), [1.0] * n
+    rng = rng or np.random.default_rng()
+    shown = list(greedy) if rng.random() >= epsilon else [members[i] for i in rng.permutation(m)[:n]]
+    props = [(1 - epsilon) * (r.item_id == g.item_id) + epsilon / m for r, g in zip(shown, greedy)]
+    return shown, props
+
+
 class LoopRunner(Protocol):
     """The feedback loop as the service drives it: one round per `run()`, its state in `status()`."""
 
@@ -317,18 +338,20 @@ class Service:
         exclude = np.unique(np.concatenate([demoted, st.deleted_indices, filtered_out(st, req.filters)]))
         diversity = s.diversity if req.diversity is None else req.diversity
         fetch = n if diversity <= 0 else min(len(st.catalog), max(3 * n, n + 20))
+        if s.explore_epsilon > 0:
+            fetch = max(fetch, s.explore_pool)
         context = RequestContext(item_id=ctx.item_id, cart=list(ctx.cart), preferences=ctx.preferences_obj())
         # A cold user's exploration slots vary by user (stable for one user across pages).
         recs = sv.pipeline.recommend_for(history, actions, fetch, context, exclude=exclude.tolist(),
                                          seed=zlib.crc32(req.user_id.encode()))
         chosen = list(recs) if diversity <= 0 else diversify(recs, st.categories, n, diversity)
-        chosen = chosen[:n]
+        chosen, propensities = explore(chosen[:n], list(recs), s.explore_epsilon, s.explore_pool)
         request_id = uuid.uuid4().hex
         label = sv.label if req.surface is None else f"{sv.label}@{req.surface}"
         self.store.add_impression(Impression(
             request_id=request_id, user_id=req.user_id, item_ids=[r.item_id for r in chosen],
             model_version=sv.version, pipeline=label, timestamp=now, scores=[float(r.score) for r in chosen],
-            sources=[r.source for r in chosen], propensities=[1.0] * len(chosen)))  # a deterministic policy
+            sources=[r.source for r in chosen], propensities=propensities))
         return RecommendResponse(
             request_id=request_id, model_version=sv.version, cold=recs.cold,
             items=[RecommendedItem(item_id=r.item_id, score=finite(r.score), source=r.source, reason=r.reason)

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     """Candidates per source: dense, cooccurrence, model (with an active version), popularity."""
     embedding_cache_dir: str | None = ".cache/embeddings"
     """Item text embedding cache (new products embed only their own text)."""
+    explore_epsilon: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of requests answered with a random order of the list's top `explore_pool` candidates instead of
+    the top n. Every slot's probability is stored with the impression, so the feedback loop can estimate
+    another version's value from the logs (off-policy); 0: deterministic lists."""
+    explore_pool: int = Field(50, ge=1)
+    """Candidates an exploring request draws its list from (the greedy list is always among them)."""
     loop_method: Literal["sft", "dpo", "sdpo", "pg"] | None = None
     """The feedback loop's fine-tuning method (None: no loop; POST /v1/loop/run answers 409)."""
     loop_every_s: float | None = Field(None, gt=0.0)
