@@ -158,6 +158,23 @@ def test_generative_recommends_an_item_never_seen_in_training(chain_split, monke
     assert scores[3] > np.median(scores)
 
 
+def test_item_text_that_cannot_tell_items_apart_falls_back_to_ids(chain_split, monkeypatch, tmp_path):
+    """Every item with the same text (an empty or templated catalog): the text path is switched off, the
+    model is the ID-only one, it still learns the chain, and the saved model says so."""
+    import dragonrec.recommenders.sequential as seq
+
+    ds, split = chain_split
+    same = np.tile(np.eye(1, 384, dtype=np.float32), (len(ds.catalog), 1))
+    monkeypatch.setattr(seq, "item_text_embeddings", lambda catalog, cache_dir=None: same)
+    model = GenerativeRecommender(rec_cfg(use_text=True)).fit(split.train, ds.catalog)
+    assert model.text_fallback == f"1 distinct item texts among {len(ds.catalog)} items"
+    assert not model.cfg.use_text and model.model.text_proj is None
+    assert model.recommend(np.array([5, 6, 7]), n=1) == [8]
+    model.save(tmp_path / "m")
+    assert not GenerativeRecommender.load(tmp_path / "m", ds.catalog).cfg.use_text
+    assert seq.uninformative_text(np.eye(len(ds.catalog), 384)) is None
+
+
 def test_several_action_types_switch_on_narrative_mode(chain_split):
     ds, split = chain_split
     train = split.train.copy()

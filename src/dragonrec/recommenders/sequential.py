@@ -23,6 +23,7 @@ from dragonrec.data.catalog import Catalog
 from dragonrec.model.config import SeqRecConfig
 from dragonrec.model.lm import ItemTokenizer, SeqRecLM, pad_batch
 from dragonrec.model.trainer import SFTConfig, TrainResult, train_sft
+from dragonrec.progress import log
 from dragonrec.recommenders.base import Recommender, check_train_events
 
 
@@ -49,6 +50,17 @@ def item_text_embeddings(catalog: Catalog, cache_dir: str | None = None) -> np.n
     from dragonrec.embed import embed_catalog
 
     return embed_catalog(catalog, cache_dir=cache_dir)
+
+
+def uninformative_text(vectors: np.ndarray, min_distinct_share: float = 0.05) -> str | None:
+    """Why a catalog's item text cannot help a model (None when it can): empty or repeated texts give few
+    distinct vectors. Fewer distinct text vectors than `min_distinct_share` of the items is uninformative."""
+    if not len(vectors):
+        return "no items"
+    distinct = len(np.unique(np.round(np.asarray(vectors, dtype=np.float32), 4), axis=0))
+    if distinct < max(2, min_distinct_share * len(vectors)):
+        return f"{distinct} distinct item texts among {len(vectors)} items"
+    return None
 
 
 def catalog_fingerprint(catalog: Catalog) -> str:
@@ -82,6 +94,7 @@ class SequentialRecommender(Recommender):
         self.result: TrainResult | None = None
         self._merged = None  # the HF model generate() runs, built on first use
         self.provenance: dict | None = None  # what the data is (checkpoints record it; resume checks it)
+        self.text_fallback: str | None = None  # why item text was ignored at fit time (None: used, or not asked)
 
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
         check_train_events(train)
@@ -89,11 +102,16 @@ class SequentialRecommender(Recommender):
         cfg = self.cfg
         if cfg.narrative_auto and not cfg.narrative and train["action"].nunique() > 1:
             cfg = self.cfg = cfg.model_copy(update={"narrative": True})
+        vectors = item_text_embeddings(catalog, cfg.text_cache_dir) if cfg.use_text else None
+        self.text_fallback = uninformative_text(vectors) if vectors is not None else None
+        if self.text_fallback:  # text that cannot tell items apart can only add noise: IDs alone
+            log(None, f"{self.name}: item text ignored, IDs only ({self.text_fallback})", cfg.quiet)
+            cfg = self.cfg = cfg.model_copy(update={"use_text": False})
         self.tokenizer = ItemTokenizer.from_train(train["item_idx"].to_numpy(), len(catalog), cfg.vocab_seed,
                                                   with_all_items=cfg.use_text)
         text = None
         if cfg.use_text:
-            text = item_text_embeddings(catalog, cfg.text_cache_dir)[self.tokenizer.vocab.catalog_index]
+            text = vectors[self.tokenizer.vocab.catalog_index]
         torch.manual_seed(cfg.seed)
         self.model = SeqRecLM(cfg.model_part(), self.tokenizer.n_items, self.tokenizer.n_trained, text_emb=text)
         self._merged = None
