@@ -416,3 +416,38 @@ def test_ingestion_and_impressions_on_postgresql(data_dir, tmp_path, postgres_ur
         # A product added here reaches the PostgreSQL store's catalog at once.
         service.add_item(ItemIn(item_id="PG-NEW", title="Rose water facial mist"))
         assert post_events(client, {"user_id": user, "item_id": "PG-NEW", "action": "view"}).json()["accepted"] == 1
+
+
+def test_the_storefronts_open_routes_are_rate_limited_per_visitor(data_dir, tmp_path):
+    """Over the burst, a visitor gets 429 with Retry-After and nothing stored; another visitor is not affected."""
+    settings = settings_for(data_dir, tmp_path / "state", shop_burst=3, shop_rate_per_minute=6)
+    with TestClient(create_app(settings)) as c:
+        service = c.app.state.service
+        item = service.catalog.item_ids[0]
+
+        def post(visitor: str, k: int):
+            c.cookies.set("dragonrec_visitor", visitor)
+            return c.post("/shop/events", headers={"Origin": SHOP},
+                          json={"events": [{"event_id": f"{visitor}-{k}", "item_id": item, "action": "view"}]})
+
+        assert [post("alice", k).status_code for k in range(3)] == [200, 200, 200]
+        r = post("alice", 3)
+        assert r.status_code == 429 and "too many requests" in r.json()["detail"]
+        assert int(r.headers["Retry-After"]) >= 1
+        assert len(service.store.events_of_user("alice")) == 3  # the refused one was not stored
+        assert post("bob", 0).status_code == 200
+
+
+def test_rate_limiter_refills_over_time():
+    from dragonrec.serve.ratelimit import RateLimited, RateLimiter
+
+    now = [0.0]
+    lim = RateLimiter(per_minute=60, burst=2, clock=lambda: now[0])
+    lim.check("k")
+    lim.check("k")
+    with pytest.raises(RateLimited, match="retry in 1.0 s"):
+        lim.check("k")
+    now[0] = 1.0  # one token a second
+    lim.check("k")
+    with pytest.raises(ValueError):
+        RateLimiter(per_minute=0, burst=1)

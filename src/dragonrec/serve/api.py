@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from pydantic import Field
 
+from dragonrec.serve.ratelimit import RateLimited
 from dragonrec.serve.schemas import (
     ActivateResult,
     EventIn,
@@ -45,6 +46,14 @@ class AuthError(ServiceError):
 
 class Forbidden(ServiceError):
     status = 403
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # -- dependencies ------------------------------------------------------------------------------------------
@@ -109,6 +118,20 @@ def visitor_of(request: Request) -> str:
     if not visitor or len(visitor) > 200:
         raise Forbidden(f"no {VISITOR_COOKIE} cookie: open a shop page first")
     return visitor
+
+
+def limit_visitor(request: Request) -> None:
+    """The storefront's open routes are rate-limited per visitor (per client address without a cookie)."""
+    limiter = getattr(request.app.state, "shop_limiter", None)
+    if limiter is None:
+        return
+    visitor = request.cookies.get(VISITOR_COOKIE)
+    key, kind = (f"v:{visitor}", "visitor") if visitor else \
+        (f"ip:{request.client.host if request.client else '?'}", "address")
+    try:
+        limiter.check(key, kind)
+    except RateLimited as e:
+        raise TooManyRequests(str(e), e.retry_after) from None
 
 
 Keyed = [Depends(require_api_key)]
@@ -248,7 +271,7 @@ class ShopEventsIn(Input):
 
 
 @router.post("/shop/events", response_model=IngestResult, tags=["storefront"],
-             dependencies=[Depends(require_shop_origin)])
+             dependencies=[Depends(require_shop_origin), Depends(limit_visitor)])
 def shop_events(body: ShopEventsIn, service: ServiceDep, request: Request) -> IngestResult:
     """Events from the storefront's pages (no key: the shop's origin only; the visitor from its cookie)."""
     visitor = visitor_of(request)
@@ -261,7 +284,7 @@ def shop_events(body: ShopEventsIn, service: ServiceDep, request: Request) -> In
 
 
 @router.post("/shop/recommend", response_model=RecommendResponse, tags=["storefront"],
-             dependencies=[Depends(require_shop_origin)])
+             dependencies=[Depends(require_shop_origin), Depends(limit_visitor)])
 def shop_recommend(body: ShopRecommendRequest, service: ServiceDep, request: Request) -> RecommendResponse:
     """A list for the visitor of the `dragonrec_visitor` cookie (the shop's origin only)."""
     visitor = visitor_of(request)

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dragonrec.embed import Embedder
 from dragonrec.serve.api import router
 from dragonrec.serve.metrics import Metrics, MetricsMiddleware
+from dragonrec.serve.ratelimit import RateLimiter
 from dragonrec.serve.service import LoopRunner, Service, ServiceError
 from dragonrec.serve.settings import Settings
 
@@ -64,6 +65,7 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
     app.state.service = service
     app.state.settings = settings
     app.state.metrics = Metrics(service)
+    app.state.shop_limiter = RateLimiter(settings.shop_rate_per_minute, settings.shop_burst)
     app.include_router(router)
     storefront = _storefront()
     if storefront is not None:
@@ -102,6 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if getattr(exc, "retry_after", None) is not None:
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

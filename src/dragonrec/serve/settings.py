@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     """Candidates per source: dense, cooccurrence, model (with an active version), popularity."""
     embedding_cache_dir: str | None = ".cache/embeddings"
     """Item text embedding cache (new products embed only their own text)."""
+    shop_rate_per_minute: float = Field(600.0, gt=0.0)
+    """Requests a visitor may make a minute to the storefront's open routes (/shop/*), after a burst."""
+    shop_burst: int = Field(120, ge=1)
+    """Requests a visitor may make at once before the per-minute rate applies."""
     explore_epsilon: float = Field(0.0, ge=0.0, le=1.0)
     """Share of requests answered with a random order of the list's top `explore_pool` candidates instead of
     the top n. Every slot's probability is stored with the impression, so the feedback loop can estimate

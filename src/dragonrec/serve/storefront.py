@@ -36,7 +36,7 @@ from sqlalchemy import Column, Double, Integer, MetaData, String, Table, Text, f
 from sqlalchemy.exc import IntegrityError
 
 from dragonrec.serve import dashboard
-from dragonrec.serve.api import VISITOR_COOKIE, require_shop_origin
+from dragonrec.serve.api import VISITOR_COOKIE, limit_visitor, require_shop_origin
 from dragonrec.serve.api import _ingest as ingest
 from dragonrec.serve.schemas import EventIn, RecommendRequest
 
@@ -447,7 +447,7 @@ class ReviewIn(BaseModel):
     text: str = Field(default="", max_length=REVIEW_MAX)
 
 
-@router.post("/shop/reviews", dependencies=[Depends(require_shop_origin)])
+@router.post("/shop/reviews", dependencies=[Depends(require_shop_origin), Depends(limit_visitor)])
 def post_review(body: ReviewIn, request: Request) -> dict:
     """Store a review: its event (action review, value = stars) through the service, then its text.
     Idempotent by event_id: a retried post stores neither twice."""
