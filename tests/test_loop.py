@@ -190,3 +190,16 @@ def test_held_out_users_never_feed_a_round(world, tmp_path):
     assert result.status == "skipped" and result.data["new_events"] == 0
     assert reg.active_version() == "v0001"
     store.close()
+
+
+def test_a_skipped_round_leaves_its_logs_for_the_next(world, tmp_path):
+    """Too few events for a round: skipped, and those events stay pending (they are not lost to training)."""
+    loop, reg, store = _loop(world, tmp_path, method="sft", min_new_events=10 ** 9,
+                             gate=GateConfig(max_ndcg_drop=1.0, off_policy="off"))
+    first = loop.run_round()
+    assert first.status == "skipped" and loop.state()["events_cursor"] == 0
+    assert reg.active_version() == "v0001"
+    loop.cfg = loop.cfg.model_copy(update={"min_new_events": 1})
+    again = loop.run_round()
+    assert again.status == "promoted" and again.data["new_events"] == len(world["log"].events)
+    store.close()

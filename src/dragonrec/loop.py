@@ -402,8 +402,9 @@ class FeedbackLoop:
             raise
         finally:
             result.seconds = time.time() - t0
-            if result.status in ("promoted", "refused", "skipped"):
-                # Logs a round has judged are consumed (a refused candidate's data is not retried forever).
+            if result.status in ("promoted", "refused"):
+                # Logs a round has judged are consumed (a refused candidate's data is not retried forever); a
+                # skipped round (too little data) leaves them to accumulate for the next one.
                 state["events_cursor"] = result.data.get("events_cursor", [0, state["events_cursor"]])[1]
                 state["impressions_cursor"] = result.data.get("impressions_cursor",
                                                               [0, state["impressions_cursor"]])[1]
@@ -477,12 +478,15 @@ class FeedbackLoop:
         stop = stop or threading.Event()
         results: list[RoundResult] = []
         last = time.time()
+        seen = -1  # stored events at the last round: an event trigger waits for `after_events` more than that
         while not stop.is_set() and (max_rounds is None or len(results) < max_rounds):
-            pending = self.store.counts().events - self.state()["events_cursor"] if after_events else 0
+            total = self.store.counts().events if after_events else 0
+            pending = total - self.state()["events_cursor"] if after_events else 0
             due = (every_s is not None and time.time() - last >= every_s) or \
-                  (after_events is not None and pending >= after_events)
+                  (after_events is not None and pending >= after_events
+                   and (seen < 0 or total - seen >= after_events))
             if due or (every_s is None and after_events is None):
-                last = time.time()
+                last, seen = time.time(), total
                 try:
                     results.append(self.run_round())
                 except Exception as e:  # noqa: BLE001 (a failed round must not end the loop)
