@@ -61,6 +61,19 @@ METHOD_DEFAULTS = {
 }
 
 
+def method_overrides(defaults: dict[str, dict], pairs: list[str]) -> dict[str, dict]:
+    """`defaults` with `method.field=value` pairs on top (values read as JSON where they parse: 1e-3, true)."""
+    out = {m: dict(v) for m, v in defaults.items()}
+    for kv in pairs:
+        key, value = kv.split("=", 1)
+        m, f = key.split(".", 1)
+        try:
+            out.setdefault(m, {})[f] = json.loads(value)
+        except json.JSONDecodeError:
+            out.setdefault(m, {})[f] = value
+    return out
+
+
 class ContextUsers:
     """Finds the simulated user a context belongs to (its history starts with theirs): the pg reward."""
 
@@ -124,11 +137,7 @@ def main() -> None:
     if args.replot:
         return replot(args.out, args.plot)
     t0 = time.time()
-    overrides = {m: dict(v) for m, v in METHOD_DEFAULTS.items()}
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        m, f = key.split(".", 1)
-        overrides.setdefault(m, {})[f] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    overrides = method_overrides(METHOD_DEFAULTS, args.set)
 
     ds = load_dataset(args.data)
     split = leave_one_out(ds.events)

@@ -69,6 +69,9 @@ from dragonrec.registry import DataWindow, Registry
 from dragonrec.schema import Impression, positive_mask
 from dragonrec.store import Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loop import method_overrides
+
 torch.set_num_threads(1)
 
 BUY_ACTIONS = ("add_to_cart", "purchase")
@@ -250,11 +253,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/loop_rees46.json")
     args = ap.parse_args()
     t_start = time.time()
-    overrides = {m: dict(v) for m, v in METHOD_DEFAULTS.items()}
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        m, f = key.split(".", 1)
-        overrides.setdefault(m, {})[f] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    overrides = method_overrides(METHOD_DEFAULTS, args.set)
 
     ds = load_dataset(args.data)
     ev = sorted_events(ds.events)

@@ -43,6 +43,13 @@ def main(path: str) -> None:
         print(f"| {m} | {per_round} | {fmt(col(m, 'ndcg@10', rounds))} | {fmt(col(m, 'hr@10', rounds))} | "
               f"{fmt(col(m, 'coverage@10', rounds))} | {fmt(col(m, 'ild_embedding@10', rounds), 3)} | "
               f"{fmt(col(m, 'top1pct_share@10', rounds), 3)} | {promoted} |")
+    print("\nper round (mean of seeds): coverage@10 / ILD@10 (text) / top-1 % share\n")
+    print("| method | " + " | ".join(f"round {rr}" for rr in range(rounds + 1)) + " |")
+    print("|---|" + "---|" * (rounds + 1))
+    for m in methods:
+        cells = [f"{col(m, 'coverage@10', rr).mean():.3f} / {col(m, 'ild_embedding@10', rr).mean():.3f} / "
+                 f"{col(m, 'top1pct_share@10', rr).mean():.3f}" for rr in range(rounds + 1)]
+        print(f"| {m} | " + " | ".join(cells) + " |")
     base = [col("static", k, 0) for k in ("reward_per_impression", "ndcg@10")]
     print(f"\nround 0 (every method): reward / impression {fmt(base[0])}, NDCG@10 {fmt(base[1])}")
     five = {m: col(m, "reward_per_impression", rounds) - col("static", "reward_per_impression", rounds)

@@ -60,3 +60,19 @@ def shared_dataset(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present")
     return path
+
+
+def beauty_first_users(tmp_path_factory, n_users: int):
+    """The first `n_users` users of Amazon Beauty (5-core), the catalog cut to the items they touched, as a
+    dataset and its leave-one-out split."""
+    from dragonrec.data import leave_one_out, load_dataset
+
+    src = shared_dataset("amazon-beauty")
+    events = pd.read_parquet(src / "interactions.parquet")
+    events = events[events["user_id"].isin(set(events["user_id"].drop_duplicates().iloc[:n_users]))]
+    items = pd.read_parquet(src / "items.parquet")
+    d = tmp_path_factory.mktemp(f"beauty{n_users}")
+    items[items["item_id"].isin(set(events["item_id"]))].to_parquet(d / "items.parquet")
+    events.to_parquet(d / "interactions.parquet")
+    ds = load_dataset(d)
+    return ds, leave_one_out(ds.events)

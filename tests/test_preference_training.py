@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import chain_events, chain_items, shared_dataset
+from conftest import beauty_first_users, chain_events, chain_items
 
 from dragonrec.data import leave_one_out, load_dataset
 from dragonrec.preferences import build_groups, build_pairs, to_records
@@ -164,15 +164,7 @@ TINY = {"use_text": True, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "m
 @pytest.fixture(scope="module")
 def beauty(tmp_path_factory):
     """The first 60 users of Amazon Beauty (5-core), the catalog cut to the items they touched."""
-    src = shared_dataset("amazon-beauty")
-    events = pd.read_parquet(src / "interactions.parquet")
-    events = events[events["user_id"].isin(set(events["user_id"].drop_duplicates().iloc[:60]))]
-    items = pd.read_parquet(src / "items.parquet")
-    d = tmp_path_factory.mktemp("beauty60")
-    items[items["item_id"].isin(set(events["item_id"]))].to_parquet(d / "items.parquet")
-    events.to_parquet(d / "interactions.parquet")
-    ds = load_dataset(d)
-    return ds, leave_one_out(ds.events)
+    return beauty_first_users(tmp_path_factory, 60)
 
 
 @pytest.fixture(scope="module")

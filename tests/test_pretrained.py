@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from conftest import chain_events, chain_items, shared_dataset
+from conftest import beauty_first_users, chain_events, chain_items
 from safetensors.torch import load_file
 
 from dragonrec.data import leave_one_out, load_dataset
@@ -288,15 +287,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="module")
 def beauty_slice(tmp_path_factory):
     """The first 30 users of Amazon Beauty (5-core), the catalog cut to the items they touched."""
-    src = shared_dataset("amazon-beauty")
-    events = pd.read_parquet(src / "interactions.parquet")
-    events = events[events["user_id"].isin(set(events["user_id"].drop_duplicates().iloc[:30]))]
-    items = pd.read_parquet(src / "items.parquet")
-    d = tmp_path_factory.mktemp("beauty30")
-    items[items["item_id"].isin(set(events["item_id"]))].to_parquet(d / "items.parquet")
-    events.to_parquet(d / "interactions.parquet")
-    ds = load_dataset(d)
-    return ds, leave_one_out(ds.events)
+    return beauty_first_users(tmp_path_factory, 30)
 
 
 @needs_smollm2

@@ -103,6 +103,7 @@ class RoundData:
     # The part of the round's logs kept out of training for the off-policy estimate (None: not split).
     estimate_slots: pd.DataFrame | None = None
     estimate_impressions: list[Impression] | None = None
+    contexts: dict | None = None  # request_id -> (history, actions) of the estimate's impressions, once computed
 
     def split_for_estimate(self, share: float) -> RoundData:
         """Users chosen by hash (`share` of them) leave the training data (events, impressions, slots) and
@@ -415,8 +416,7 @@ class FeedbackLoop:
             self._lock.release()
 
     def _estimates_off_policy(self, data: RoundData) -> bool:
-        prop = data.slots["propensity"] if "propensity" in data.slots.columns else pd.Series(dtype=float)
-        return self.cfg.gate.off_policy != "off" and bool((prop.notna() & (prop < 1.0)).any())
+        return self.cfg.gate.off_policy != "off" and _explored(data.slots)
 
     def _prepare(self, data: RoundData) -> int:
         method = self.cfg.method
@@ -439,10 +439,7 @@ class FeedbackLoop:
         out: dict[str, Any] = {"active_ndcg@10": ref_ndcg, "candidate_ndcg@10": cand_ndcg, "ndcg_floor": floor,
                                "gate_cases": len(self.gate_cases), "ndcg_ok": cand_ndcg >= floor,
                                "candidate_held_out": cand, "active_held_out": ref}
-        # Propensities below 1 mean a stochastic serving policy; all 1.0 (or none) is deterministic serving,
-        # under which no other policy's value can be estimated.
-        prop = data.slots["propensity"] if "propensity" in data.slots.columns else pd.Series(dtype=float)
-        logged = bool((prop.notna() & (prop < 1.0)).any())
+        logged = _explored(data.slots)
         ope_needed = g.off_policy == "require" or (g.off_policy == "when_logged" and logged)
         if ope_needed:
             if not logged:
@@ -498,13 +495,23 @@ class FeedbackLoop:
 
 
 def default_off_policy(candidate: Recommender, data: RoundData) -> dict:
-    """SNIPS estimate of the candidate's reward per slot from the round's logged propensities."""
-    from dragonrec.evaluate.off_policy import estimate_candidate
+    """SNIPS estimate of the candidate's reward per slot from the round's logged propensities (on the users
+    kept out of training when the round was split). The requests' contexts are computed once per round."""
+    from dragonrec.evaluate.off_policy import contexts_from_events, estimate_candidate
 
-    if data.estimate_slots is not None and len(data.estimate_slots):
-        return estimate_candidate(candidate, data.estimate_slots, data.estimate_impressions, data.history_events,
-                                  data.catalog)
-    return estimate_candidate(candidate, data.slots, data.impressions, data.history_events, data.catalog)
+    held = data.estimate_slots is not None and len(data.estimate_slots)
+    slots, impressions = (data.estimate_slots, data.estimate_impressions) if held else (data.slots, data.impressions)
+    if data.contexts is None:
+        data.contexts = contexts_from_events(impressions, data.history_events, data.catalog)
+    return estimate_candidate(candidate, slots, impressions, data.history_events, data.catalog,
+                              contexts=data.contexts)
+
+
+def _explored(slots: pd.DataFrame) -> bool:
+    """Whether the serving policy explored: some slot logged a probability below 1. All 1.0 (or none logged)
+    is deterministic serving, under which no other policy's value can be estimated."""
+    prop = slots["propensity"] if "propensity" in slots.columns else pd.Series(dtype=float)
+    return bool((prop.notna() & (prop < 1.0)).any())
 
 
 def _maybe_fail(fail_after: str | None, step: str) -> None:

@@ -508,7 +508,8 @@ def estimate_slots(table: pd.DataFrame, *, clip: float | None = None, interval: 
 
 def estimate_candidate(candidate: Recommender, slots: pd.DataFrame, impressions: Sequence[Impression],
                        history_events: pd.DataFrame, catalog: Catalog, *, epsilon: float = 0.0,
-                       pool: int | None = None, clip: float | None = None) -> dict:
+                       pool: int | None = None, clip: float | None = None,
+                       contexts: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """The loop's gate: SNIPS of a candidate model's reward per slot (served greedily, or epsilon-greedy
     over its top `pool`) from a round's rewarded slots, with the logged reward per slot beside it.
 
@@ -518,7 +519,8 @@ def estimate_candidate(candidate: Recommender, slots: pd.DataFrame, impressions:
     """
     logged = float(slots["reward"].mean()) if len(slots) else float("nan")
     n_list = int(slots.groupby("request_id")["position"].count().max()) if len(slots) else 1
-    contexts = contexts_from_events(impressions, history_events, catalog)
+    if contexts is None:  # what each request saw; give them when estimating several policies on one log
+        contexts = contexts_from_events(impressions, history_events, catalog)
     target = EpsilonGreedyPolicy(candidate, epsilon=epsilon, pool=pool or n_list)
     table = slot_table(slots, contexts, target, catalog)
     base = {"logged": logged, "n_slots": len(table), "n_lists": int(table["request_id"].nunique())}

@@ -20,7 +20,8 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,19 @@ DEFAULT_MODEL_CACHE = ".cache/models"  # relative to the working directory; DRAG
 
 class PretrainedModelMissing(ModuleNotFoundError):
     """A named pretrained model whose package is not installed; the message says what to install."""
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `n` inside the block (None: left as they are), restored after it."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def model_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -30,7 +30,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Self
 
@@ -49,6 +48,7 @@ from dragonrec.model.pretrained import (
     add_product_tokens,
     init_from_titles,
     load_base_model,
+    torch_threads,
     wrap_lora,
 )
 from dragonrec.progress import log
@@ -127,18 +127,6 @@ def rank_metrics(scores: np.ndarray, targets: np.ndarray, histories: Sequence[np
     hit = np.isfinite(t) & (rank < k)
     n = max(len(targets), 1)
     return {f"ndcg@{k}": float((hit / np.log2(rank + 2.0)).sum() / n), f"hr@{k}": float(hit.sum() / n)}
-
-
-@contextmanager
-def _torch_threads(n: int | None):
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 class _Log:
@@ -284,7 +272,7 @@ class PretrainedLMRecommender(Recommender):
         """Fine-tune on the positive next-item targets of `train`; with `valid` (EvalCases) validate every
         `eval_every_steps` steps (or epoch), keep the best weights and stop after `patience` validations
         without a better NDCG@10 or when `max_minutes` is spent."""
-        with _torch_threads(self.cfg.num_threads):
+        with torch_threads(self.cfg.num_threads):
             return self._fit(train, catalog, valid)
 
     def _fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
@@ -414,7 +402,7 @@ class PretrainedLMRecommender(Recommender):
         out = np.full((len(histories), len(self.catalog)), -np.inf, dtype=np.float32)
         if not len(histories):
             return out
-        with _torch_threads(self.cfg.num_threads):
+        with torch_threads(self.cfg.num_threads):
             self._score_into(out, histories, actions)
         return out
 
@@ -428,7 +416,7 @@ class PretrainedLMRecommender(Recommender):
         ids, mask = self._encode(histories, actions)
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # position ids count real tokens, as in score_next_items
-        with _torch_threads(self.cfg.num_threads):
+        with torch_threads(self.cfg.num_threads):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
         items = logits[:, torch.as_tensor(self.item_token_ids, device=device)].float()
         cols = torch.as_tensor(self.vocab.catalog_index, device=device)
@@ -452,7 +440,7 @@ class PretrainedLMRecommender(Recommender):
         barred = _exclusions(history if exclude_history else (), exclude)
         barred_ids = self.vocab.encode(barred[barred >= 0]) if len(barred) else np.empty(0, dtype=np.int64)
         ids, mask = self._encode([np.asarray(history, dtype=np.int64)], None if actions is None else [actions])
-        with _torch_threads(self.cfg.num_threads):
+        with torch_threads(self.cfg.num_threads):
             ks = generate_items(self.model, ids, self.item_token_ids, n=n, attention_mask=mask,
                                 exclude=[barred_ids[barred_ids >= 0].tolist()], num_beams=num_beams,
                                 pad_token_id=self.tokenizer.pad_token_id)[0]

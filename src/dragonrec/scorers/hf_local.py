@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -80,20 +79,6 @@ class HFScorerConfig(BaseModel):
     """torch CPU threads while scoring (None: torch's default)."""
     model_cache_dir: str | None = None
     """Where `smollm2` is converted (None: $DRAGONREC_MODEL_CACHE, else .cache/models)."""
-
-
-@contextmanager
-def _torch_threads(n: int | None):
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _split_mode(cfg: HFScorerConfig) -> HFScorerConfig:
@@ -189,7 +174,9 @@ class HFLocalScorer(Scorer):
         t0 = time.perf_counter()
         usage = Usage(requests=1)
         try:
-            with _torch_threads(self.cfg.num_threads):
+            from dragonrec.model.pretrained import torch_threads
+
+            with torch_threads(self.cfg.num_threads):
                 if self.cfg.mode == "choose":
                     scores, reasons, problem = self._choose(request, usage)
                 else:
