@@ -45,6 +45,7 @@ from dragonrec.reward_model import (
     split_examples,
 )
 
+PRIOR_STRENGTHS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 METHODS = ("model", "prior_rate", "prior_count", "position_prior", "heuristic_history", "heuristic_content")
 
 
@@ -79,7 +80,10 @@ def main() -> None:
         sp = split_examples(ex, by="user", valid_frac=0.15, test_frac=0.2, seed=seed)
         tr, va, te = sp.train, sp.valid, sp.test
         y_tr, y_te = tr["label"].to_numpy(), te["label"].to_numpy()
-        probs = {"prior_rate": PopularityPrior(10.0).fit(tr).predict(te),
+        y_va = va["label"].to_numpy()
+        # the prior's smoothing strength chosen on validation, as bench_reward_model.py does
+        strength = min(PRIOR_STRENGTHS, key=lambda a: log_loss(y_va, PopularityPrior(a).fit(tr).predict(va)))
+        probs = {"prior_rate": PopularityPrior(strength).fit(tr).predict(te),
                  "prior_count": PopularityPrior(kind="count").fit(tr).predict(te)}
         ctr = pd.Series(y_tr).groupby(tr["position"].to_numpy()).mean()
         probs["position_prior"] = ctr.reindex(te["position"].to_numpy()).fillna(y_tr.mean()).to_numpy()
@@ -89,7 +93,7 @@ def main() -> None:
         model = RewardModel(RewardModelConfig(seed=seed, max_seconds=args.max_seconds,
                                               embedding_cache_dir=args.cache_dir)).fit(tr, ds.catalog, valid=va)
         probs["model"] = model.predict(te)
-        run = {"seed": seed, "rows": {"train": len(tr), "valid": len(va), "test": len(te)},
+        run = {"seed": seed, "prior_strength": strength, "rows": {"train": len(tr), "valid": len(va), "test": len(te)},
                "positives": {"train": int(y_tr.sum()), "test": int(y_te.sum())},
                "metrics": {m: {"auc": auc(y_te, probs[m]), "log_loss": log_loss(y_te, probs[m])} for m in METHODS},
                "base_rate_log_loss": log_loss(y_te, np.full(len(y_te), y_tr.mean())),
