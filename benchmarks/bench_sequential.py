@@ -7,7 +7,8 @@ Prints and writes JSON: valid/test NDCG@10 and HR@10 (history excluded and kept)
 samples/s, minutes to the best epoch, inference users/s (full ranking) and single-request latency.
 `--final-with-valid` then retrains on train + the validation targets for the epochs chosen on validation
 (no early stopping, never looks at test) and reports that model's test metrics too. `--split cold-item`
-holds 5% of items out of training and reports HR@10 on the test cases whose target is such a cold item.
+holds 5% of items out of training and reports HR@10 on the test cases whose target is such a cold item; a model
+with a cold head (`--set cold_head=true`) is also evaluated with the head switched off (`cold_head_off`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def main() -> None:
         "inference": timing(model, split.test),
         "history": r.history,
     }
+    if getattr(model.model, "cold_ready", False):
+        # the same model with its cold head switched off: cold items scored by the main path, as before the head
+        offset = float(model.model.cold_offset)
+        model.model.cold_offset.fill_(float("-inf"))
+        report["cold_head_off"] = {"test": summarize(evaluate_split(model, split)["test"])}
+        model.model.cold_offset.fill_(offset)
+        report["cold_calibration"] = {k: v for k, v in model.cold_calibration.items() if k != "curve"}
     if args.save:
         model.save(args.save)
     if args.final_with_valid:

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("recommenders",),
     ("rerank",),
     ("pipeline", "rag", "rewards", "preferences", "reward_model"),
-    ("train", "evaluate", "loop"),
+    ("train", "evaluate", "loop", "tune"),
     ("serve", "cli"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

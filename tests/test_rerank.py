@@ -80,6 +80,38 @@ def test_the_request_overrides_the_configured_diversity_and_more_diversity_sprea
         rerank(DiversityReranker().fit(cat), base, diversity=0.5)
 
 
+def test_dpp_picks_across_clusters_and_its_knob_at_zero_changes_nothing():
+    cat = catalog_of(["A"] * 6)
+    vec = two_clusters()
+    base = [0, 1, 2, 3, 4, 5]
+    dpp = DiversityReranker(RerankConfig(diversity=0.0, mode="dpp")).fit(cat, vec)
+    assert rerank(dpp, base) == base
+    # strong diversity: the second pick leaves cluster a (volume, not relevance, decides)
+    out = rerank(dpp, base, diversity=0.9)
+    assert out[0] == 0 and out[1] >= 3
+    ild = [intra_list_diversity([rerank(dpp, base, diversity=d)[:3]], embeddings=vec) for d in (0.0, 0.5, 0.9)]
+    assert ild[0] < ild[-1]
+    # Chen et al.'s greedy DPP on the kernel diag(q) S diag(q): the next pick maximises log det of the chosen
+    q = np.exp((1 - 0.9) / (2 * 0.9) * (np.linspace(1.0, 0.0, 6) - 1.0))
+    L = np.outer(q, q) * (vec @ vec.T)
+    picked = [0]
+    for _ in range(2):
+        rest = [j for j in range(6) if j not in picked]
+        picked.append(max(rest, key=lambda j: np.linalg.slogdet(L[np.ix_(picked + [j], picked + [j])])[1]))
+    assert out[:3] == picked
+
+
+def test_novelty_demotes_items_every_user_gets_only_when_the_knob_is_on():
+    cat = catalog_of(["A"] * 4)
+    vec = np.eye(4, dtype=np.float32)  # all equally dissimilar: only relevance and novelty decide
+    pop = np.asarray([1000.0, 1.0, 1.0, 1.0])
+    r = DiversityReranker(RerankConfig(novelty=2.0)).fit(cat, vec, popularity=pop)
+    assert rerank(r, [0, 1, 2, 3]) == [0, 1, 2, 3]  # knob 0: nothing changes
+    assert rerank(r, [0, 1, 2, 3], diversity=0.5)[0] == 1  # the bestseller drops
+    with pytest.raises(ValueError, match="popularity"):
+        DiversityReranker(RerankConfig(novelty=1.0)).fit(cat, vec)
+
+
 # -- category caps and calibration ----------------------------------------------------------------------------
 def test_category_caps_hold_in_the_head_while_the_candidates_allow():
     cats = ["X"] * 6 + ["Y"] * 4 + ["", ""]

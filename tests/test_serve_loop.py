@@ -117,11 +117,13 @@ def test_explore_logs_exact_slot_probabilities():
     assert (0, "i25") not in counts  # outside the pool: never shown
 
 
-def test_an_exploring_shop_lets_the_gate_estimate_off_policy(tmp_path):
+@pytest.mark.parametrize("explore", [{"explore_epsilon": 0.5}, {"explore_slots": 2, "explore_share": 0.5}],
+                         ids=["epsilon-greedy", "thompson-bandit"])
+def test_an_exploring_shop_lets_the_gate_estimate_off_policy(tmp_path, explore):
     data = beauty_slice(tmp_path / "data", n_items=300, max_users=800)
     reg = Registry(tmp_path / "state" / "registry")
     reg.register(train_tiny(data, tmp_path / "tiny"), method="sft", activate=True)
-    settings = Settings(data_dir=data, state_dir=tmp_path / "state", api_keys=[API_KEY], explore_epsilon=0.5,
+    settings = Settings(data_dir=data, state_dir=tmp_path / "state", api_keys=[API_KEY], **explore,
                         explore_pool=20, loop_method="sft", loop_min_new_events=5, loop_max_ndcg_drop=1.0,
                         loop_holdout_share=0.2)
     with TestClient(create_app(settings)) as client:

@@ -166,9 +166,9 @@ def test_item_text_that_cannot_tell_items_apart_falls_back_to_ids(chain_split, m
     ds, split = chain_split
     same = np.tile(np.eye(1, 384, dtype=np.float32), (len(ds.catalog), 1))
     monkeypatch.setattr(seq, "item_text_embeddings", lambda catalog, cache_dir=None: same)
-    model = GenerativeRecommender(rec_cfg(use_text=True)).fit(split.train, ds.catalog)
+    model = GenerativeRecommender(rec_cfg(use_text=True, cold_head=True)).fit(split.train, ds.catalog)
     assert model.text_fallback == f"1 distinct item texts among {len(ds.catalog)} items"
-    assert not model.cfg.use_text and model.model.text_proj is None
+    assert not model.cfg.use_text and model.model.text_proj is None and model.model.cold_proj is None
     assert model.recommend(np.array([5, 6, 7]), n=1) == [8]
     model.save(tmp_path / "m")
     assert not GenerativeRecommender.load(tmp_path / "m", ds.catalog).cfg.use_text

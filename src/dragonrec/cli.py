@@ -124,6 +124,53 @@ def train_sft(
 
 
 @app.command()
+def tune(
+    data: Annotated[Path, typer.Option(help="dataset directory")],
+    out: Annotated[Path, typer.Option(help="run directory: tuned_config.json, model/, checkpoints/, report.json")],
+    recommender: Annotated[str, typer.Option(help="generative, sasrec or cooccurrence")] = "generative",
+    trials: Annotated[int, typer.Option(help="at most this many trials")] = 20,
+    minutes: Annotated[float, typer.Option(help="time budget of the whole search (the final training comes after)")] = 20.0,
+    seed: Annotated[int, typer.Option(help="seed of the sampler, the models and the split (same seed, same trials)")] = 0,
+    registry: Annotated[Path | None, typer.Option(help="register the final model here and activate it")] = None,
+    split: Annotated[str, typer.Option(help="loo, time or cold-item")] = "loo",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="fix a config field in every trial (it is not "
+                                                   "searched): --set max_epochs=50")] = None,
+    ties: Annotated[str, typer.Option(help="keep or shuffle the order of same-timestamp events")] = "keep",
+    quiet: Annotated[bool, typer.Option(help="no progress or log lines, only the result tables")] = False,
+) -> None:
+    """Search a recommender's settings (hidden size, layers, dropout, learning rate, max history length, id
+    dropout, weight decay; co-occurrence: window, last_n, weights) with Optuna TPE and median pruning, on
+    validation NDCG@10 only, within --trials and --minutes; one line per trial. Then train the final model
+    with the best configuration as `train sft` does (refit on train + validation targets, saved, evaluated
+    on test, registered with --registry) and save out/tuned_config.json (the best configuration and every
+    trial) beside it.
+
+    Example: dragonrec tune --data ../shared/data/ml-100k --out runs/tune-ml100k --recommender generative --trials 20 --minutes 20
+    """
+    from dragonrec.tune import TUNABLE, TuneConfig, run_tune, trials_table
+
+    _check_choice("--recommender", recommender, TUNABLE)
+    _check_choice("--split", split, SPLITS)
+    _check_choice("--ties", ties, TIES)
+    if registry is not None and recommender == "cooccurrence":
+        raise typer.BadParameter("cooccurrence has no saved form to register: drop --registry")
+    report = run_tune(data, out, recommender=recommender, tune=TuneConfig(trials=trials, minutes=minutes, seed=seed),
+                      overrides=_parse_overrides(set_), split=split, ties=ties, registry=registry, console=console,
+                      quiet=quiet)
+    tuned = json.loads((out / "tuned_config.json").read_text())
+    table = Table("trial", "state", "valid ndcg@10", "seconds", "settings",
+                  title=f"{recommender} search: best trial {tuned['best_trial']} "
+                        f"({tuned['seconds'] / 60:.1f} min, stopped by {tuned['stopped']})")
+    for row in trials_table(tuned["trials"]):
+        table.add_row(*row, style="bold" if row[0] == str(tuned["best_trial"]) else None)
+    Console(width=160).print(table)
+    Console(width=160).print(_metrics_table(f"tuned {recommender} on {report['dataset']['name']} ({split})", report))
+    console.print(f"tuned configuration in {out / 'tuned_config.json'}"
+                  + (f"; model in {out / 'model'}" if recommender != "cooccurrence" else "")
+                  + (f"; registered as {report['version']}" if registry else ""))
+
+
+@app.command()
 def demo(
     data: Annotated[Path, typer.Option(help="dataset directory")] = Path("../shared/data/amazon-beauty"),
     out: Annotated[Path, typer.Option(help="the shop's state: registry, feedback store, trained model")] = Path("runs/demo"),

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,27 +221,55 @@ class VectorIndex:
                 "config": self.cfg.model_dump(), "faiss_version": faiss.__version__}
 
     def save(self, path: str | Path) -> Path:
-        """Write `index.faiss` and `meta.json` into the folder `path` (created if missing)."""
+        """Write the index and `meta.json` into the folder `path` (created if missing), crash-safe.
+
+        The index goes to a new file of its own (`index.<token>.faiss`, flushed to disk), then `meta.json`,
+        which names that file, replaces the old one in one `os.replace`: the commit point. A crash at any
+        moment leaves the previous save or this one, whole (never a new index under old metadata); files of
+        older saves are removed only after the commit.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{INDEX_FILE}.tmp"
+        name = f"index.{uuid.uuid4().hex[:12]}.faiss"
+        tmp = path / f".{name}.tmp"
         faiss.write_index(self.index, str(tmp))
-        tmp.replace(path / INDEX_FILE)
-        (path / META_FILE).write_text(json.dumps(self.meta()))
+        _fsync_file(tmp)
+        os.replace(tmp, path / name)
+        meta_tmp = path / f".{META_FILE}.{uuid.uuid4().hex[:12]}.tmp"
+        with open(meta_tmp, "w") as f:
+            json.dump({**self.meta(), "index_file": name}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(meta_tmp, path / META_FILE)
+        _fsync_file(path)  # the directory: both renames are on disk before anything old goes
+        for old in path.glob("index*.faiss"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        for stale in path.glob(".*.tmp"):  # leftovers of a save that crashed before its commit
+            stale.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path, model: str | None = None, dim: int | None = None) -> VectorIndex:
         """Read a saved index; `model`/`dim`, when given, must match what it was built with."""
         path = Path(path)
-        if not (path / META_FILE).exists() or not (path / INDEX_FILE).exists():
-            raise FileNotFoundError(f"{path}: no saved index ({INDEX_FILE} + {META_FILE})")
-        meta = json.loads((path / META_FILE).read_text())
+        if not (path / META_FILE).exists():
+            raise FileNotFoundError(f"{path}: no saved index ({META_FILE} and the index file it names)")
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / META_FILE} is not valid JSON ({e}): rebuild the index") from None
+        index_path = path / meta.get("index_file", INDEX_FILE)  # saves before crash-safe saving: index.faiss
+        if not index_path.exists():
+            raise FileNotFoundError(f"{path}: {META_FILE} names {index_path.name}, which is missing: rebuild the index")
         if model is not None and meta["model"] != model:
             raise ValueError(f"{path}: index built with {meta['model']!r}, not {model!r}: rebuild it")
         if dim is not None and meta["dim"] != dim:
             raise ValueError(f"{path}: index has dimension {meta['dim']}, not {dim}")
-        index = faiss.read_index(str(path / INDEX_FILE))
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as e:
+            raise ValueError(f"{index_path}: not a readable FAISS index ({str(e).splitlines()[0]}): rebuild it") from None
         if index.d != meta["dim"]:
             raise ValueError(f"{path}: index dimension {index.d} disagrees with its metadata ({meta['dim']})")
         return cls(index, meta["kind"], meta["dim"], meta["model"], meta["item_ids"],
@@ -262,6 +292,15 @@ def _omp_threads(n: int):
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:

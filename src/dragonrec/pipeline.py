@@ -22,6 +22,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
@@ -92,6 +94,10 @@ class PipelineConfig(BaseModel):
     """Degraded-request reasons are counted by their first this-many characters."""
     rerank: RerankConfig | None = None
     """Shop rules, diversity, category caps and calibration (dragonrec.rerank); None = only drop banned items."""
+    scorer_timeout_s: float | None = Field(None, gt=0)
+    """The scorer's time budget per call (an LLM scorer can be slow): past it the request answers at once,
+    ranked by the `rest` source's scores (the model's, in the union pipeline; retrieval order without one),
+    marked degraded with the reason. The late answer is dropped. None: wait for the scorer."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -243,6 +249,9 @@ class Pipeline(Recommender):
         self.last_usage = Usage()  # the scorer's usage over the latest score() call
         self._lock = threading.Lock()
         self._texts: list[str] | None = None
+        # Set by dragonrec.serve.batching.batch_pipeline: concurrent recommend_for calls then share one
+        # pass of every stage (`rank_rows`); None: each request ranks alone.
+        self.rank_batcher = None
 
     # -- fitting ------------------------------------------------------------------------------------------
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
@@ -312,7 +321,7 @@ class Pipeline(Recommender):
 
             vectors = embed_catalog(catalog, cache_dir=self.cfg.dense.cache_dir, template=self.cfg.dense.template,
                                     embedder=self.embedder)
-        self.reranker.fit(catalog, vectors)
+        self.reranker.fit(catalog, vectors, popularity=self.cold.popularity)
 
     def _make_scorer(self, spec: str, recommender, train, catalog, valid) -> Scorer | None:
         from dragonrec.scorers.model import ModelScorer
@@ -405,7 +414,7 @@ class Pipeline(Recommender):
                 pref_only[:] = False
             union = union_candidates(per_source, self.cfg.sources, self.cfg.fusion_k)
             t1 = time.perf_counter()
-            results = self._score_union(union, h, a, p, skip=pref_only)
+            results = self._score_union(union, h, a, p, skip=pref_only, fallback=rest_w)
             t2 = time.perf_counter()
             for i, b in enumerate(rows):
                 req = requests[b] if requests is not None else RerankRequest(
@@ -424,9 +433,11 @@ class Pipeline(Recommender):
         return out, rest
 
     def _score_union(self, union: CandidateUnion, histories, actions, prefs,
-                     skip: np.ndarray | None = None) -> list[ScoreResult | None]:
+                     skip: np.ndarray | None = None, fallback: np.ndarray | None = None) -> list[ScoreResult | None]:
         """The scorer's answer per row (None = no scorer, nothing to score, or a `skip` row). Never raises for a
-        scorer's failure: an exception or a malformed answer becomes a degraded result with the reason."""
+        scorer's failure: an exception or a malformed answer becomes a degraded result with the reason; a
+        scorer over `cfg.scorer_timeout_s` is not waited for: `fallback` ([B, n_catalog], the rest source's
+        scores) ranks those rows instead."""
         B = len(histories)
         if self.scorer is None:
             return [None] * B
@@ -436,9 +447,20 @@ class Pipeline(Recommender):
                                   None if prefs is None else prefs[i]) for i in rows]
         name = getattr(self.scorer, "name", type(self.scorer).__name__)
         try:
-            results = list(self.scorer.score_batch(requests)) if requests else []
+            results = self._call_scorer(requests) if requests else []
             if len(results) != len(requests):
                 raise RuntimeError(f"answered {len(results)} results for {len(requests)} requests")
+        except FutureTimeout:
+            budget = f"{name} took longer than its {self.cfg.scorer_timeout_s} s budget"
+            by = f"the model ({self.cfg.model})" if self.cfg.rest == "model" else f"the {self.cfg.rest} source"
+            results = []
+            for i, r in zip(rows, requests):
+                if fallback is None:
+                    results.append(ScoreResult.fallback(len(r.candidates), f"{budget}: retrieval order"))
+                    continue
+                s = fallback[i, [c.idx for c in r.candidates]].astype(np.float32)
+                results.append(ScoreResult(np.where(np.isfinite(s), s, np.nan).astype(np.float32),
+                                           [None] * len(s), True, f"{budget}: ranked by {by}"))
         except Exception as e:  # noqa: BLE001 - a scorer must never take the request down: retrieval order
             results = [ScoreResult.fallback(len(r.candidates), f"{name} failed: {type(e).__name__}: {e}")
                        for r in requests]
@@ -453,6 +475,18 @@ class Pipeline(Recommender):
         for i, res in zip(rows, results):
             out[i] = res
         return out
+
+    def _call_scorer(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """The scorer's answers; with a time budget the call runs on a worker thread and raises
+        FutureTimeout past it (the request goes on without it; a call not started yet is cancelled)."""
+        if self.cfg.scorer_timeout_s is None:
+            return list(self.scorer.score_batch(requests))
+        future = _scorer_pool().submit(lambda: list(self.scorer.score_batch(requests)))
+        try:
+            return future.result(timeout=self.cfg.scorer_timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise
 
     def _request(self, history, actions, items, fused, prefs) -> ScoreRequest:
         m = self.cfg.scorer_history
@@ -477,6 +511,9 @@ class Pipeline(Recommender):
             order = res.order(fused)
             shown = np.where(np.isfinite(res.scores), res.scores, fused)
             reasons = [res.reasons[j] for j in order]
+        few = self._content_first(union, i, pos[order], request)  # nearly cold users: content weighs more
+        order = order[few]
+        reasons = None if reasons is None else [reasons[j] for j in few]
         pos = pos[order]
         items = union.items[i, pos]
         keep = self.reranker.rerank_for(items, shown[order], banned, request)
@@ -586,9 +623,17 @@ class Pipeline(Recommender):
                                            self.reranker.excluded(request)]))
         prefs = ctx.prefs()
         timings: dict[str, float] = {}
-        ranked, rest = self._rank([history], None if acts is None else [acts], [banned],
-                                  None if prefs is None else [prefs], timings, [request])
-        r = ranked[0]
+        if self._by_segment(history, acts, prefs):
+            out = self._segment_list(prefs.categories, banned, n, seed)
+            timings["total_s"] = time.perf_counter() - t0
+            return Recommendations(out, cold=True, source="preferences", timings=timings)
+        if self.rank_batcher is None:
+            ranked, rest = self._rank([history], None if acts is None else [acts], [banned],
+                                      None if prefs is None else [prefs], timings, [request])
+            r = ranked[0]
+        else:
+            r, rest, stage_s = self.rank_batcher.submit([(history, acts, banned, prefs, request)])[0]
+            timings.update(stage_s)
         if r.cold:
             out = self._cold_list(banned, n, seed)
             source = "cold_start"
@@ -604,6 +649,25 @@ class Pipeline(Recommender):
         timings["total_s"] = time.perf_counter() - t0
         return Recommendations(out, cold=r.cold, source=source, degraded=r.degraded,
                                degraded_reason=r.degraded_reason, timings=timings, usage=r.usage)
+
+    def rank_rows(self, rows: Sequence[tuple]) -> list[tuple[_Ranked, np.ndarray | None, dict[str, float]]]:
+        """`_rank` for the rows (history, actions, banned, preferences, RerankRequest) of concurrent requests,
+        in one pass per kind of row (with actions, without: sources read a missing action list differently):
+        per row (ranked, [1, n] rest scores or None, the batch's stage seconds). A row's answer does not
+        depend on the rows beside it."""
+        out: list = [None] * len(rows)
+        for with_actions in (True, False):
+            idx = [i for i, row in enumerate(rows) if (row[1] is not None) == with_actions]
+            if not idx:
+                continue
+            prefs = [rows[i][3] for i in idx]
+            timings: dict[str, float] = {}
+            ranked, rest = self._rank([rows[i][0] for i in idx], [rows[i][1] for i in idx] if with_actions else None,
+                                      [rows[i][2] for i in idx], None if all(p is None for p in prefs) else prefs,
+                                      timings, [rows[i][4] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = (ranked[j], None if rest is None else rest[j:j + 1], timings)
+        return out
 
     @property
     def sources_names(self) -> list[str]:
@@ -628,6 +692,44 @@ class Pipeline(Recommender):
         popular = self.cold.popularity[rank] > self.cfg.cold_start.rare_max_users
         return [self._recommended(int(i), float(scores[i]), "popularity" if p else "cold_start",
                                   (), None) for i, p in zip(rank, popular)]
+
+    def _by_segment(self, history: np.ndarray, actions, prefs: Preferences | None) -> bool:
+        """A cold user who stated categories only (no free text): popularity in those categories answers."""
+        return (self.cfg.cold_start.segment and prefs is not None and bool(prefs.categories)
+                and not (prefs.text and prefs.text.strip()) and not _has_signal(history, actions, None))
+
+    def _segment_list(self, categories: list[str], banned: np.ndarray, n: int,
+                      seed: int | None = None) -> list[Recommended]:
+        """Popularity by segment: the most popular items whose category path holds one of `categories`
+        (case-insensitive), exploration slots from the segment, then the overall cold list."""
+        if getattr(self, "_paths_lower", None) is None or len(self._paths_lower) != len(self.catalog):
+            self._paths_lower = [p.lower() for p in self.catalog.categories]
+        wanted = [c.strip().lower() for c in categories if c.strip()]
+        inside = np.fromiter((any(w in p for w in wanted) for p in self._paths_lower), bool, len(self.catalog))
+        rank = self.cold.segment_ranking(inside, seed=seed)
+        rank = rank[~np.isin(rank, banned)][:n]
+        rare = self.cold.popularity[rank] <= self.cfg.cold_start.rare_max_users
+        label = ", ".join(c.strip() for c in categories if c.strip())
+        return [self._recommended(int(i), float(-k), "cold_start" if r else "popularity", (),
+                                  SOURCE_REASONS["cold_start"] if r else
+                                  (f"popular in {label}" if inside[i] else None))
+                for k, (i, r) in enumerate(zip(rank, rare))]
+
+    def _content_first(self, union: CandidateUnion, i: int, pos: np.ndarray, request: RerankRequest) -> np.ndarray:
+        """For a nearly cold user (1..few_events positive events), a re-order of `pos` (positions into the union
+        row, in scorer order) by 1/(k + rank) + dense_weight/(k + dense rank): the content path weighs more."""
+        cold = self.cfg.cold_start
+        if cold.dense_weight <= 0 or cold.few_events <= 0 or "dense" not in self.cfg.sources:
+            return np.arange(len(pos))
+        acts = request.actions
+        positives = len(request.history) if acts is None else int(positive_mask(np.asarray(acts, dtype=object)).sum())
+        if not 1 <= positives <= cold.few_events:
+            return np.arange(len(pos))
+        k = self.cfg.fusion_k
+        dense_rank = union.ranks[i, pos, self.sources_names.index("dense")].astype(np.float64)
+        blend = 1.0 / (k + 1.0 + np.arange(len(pos))) + np.where(dense_rank > 0, cold.dense_weight / (k + dense_rank),
+                                                                 0.0)
+        return np.argsort(-blend, kind="stable")
 
     def _rest_list(self, rest: np.ndarray, skip: np.ndarray, n: int) -> list[Recommended]:
         s = rest.copy()
@@ -658,6 +760,19 @@ def make_scorer(spec: str, train: pd.DataFrame, catalog: Catalog, valid=None) ->
             raise ValueError(f"a scorer cannot be another pipeline ({arg!r})")
         return ModelScorer(build(arg).fit(train, catalog, valid=valid))
     raise ValueError(f"unknown scorer {spec!r}: use none, openai, hf:MODEL_DIR or model:NAME")
+
+
+_SCORER_POOL: ThreadPoolExecutor | None = None
+_SCORER_POOL_LOCK = threading.Lock()
+
+
+def _scorer_pool() -> ThreadPoolExecutor:
+    """Worker threads for scorer calls with a time budget (shared by every pipeline of the process)."""
+    global _SCORER_POOL
+    with _SCORER_POOL_LOCK:
+        if _SCORER_POOL is None:
+            _SCORER_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dragonrec-scorer")
+        return _SCORER_POOL
 
 
 def _part_key(name: str, overrides: dict | None) -> tuple[str, str]:

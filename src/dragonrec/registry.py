@@ -5,7 +5,8 @@ Layout of a registry root:
     index.json            every registered version's metadata, in registration order (rewritten atomically)
     active.json           {"version": "v0003", "history": ["v0001", "v0003"]} (rewritten atomically)
     versions/v0001/       safetensors weights, config, tokenizer, ... and version.json (its manifest)
-    .tmp/                 versions being written; renamed into versions/ only when complete
+    .tmp/                 versions being written; renamed into versions/ only when complete (what a
+                          killed registration leaves here is removed by a later one, after 6 hours)
 
 A version directory appears under `versions/` by one `os.rename` of a finished directory, and the index and
 the active pointer are replaced with `os.replace`, so a server reading the registry never sees a half-written
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MANIFEST = "version.json"
 INDEX = "index.json"
 ACTIVE = "active.json"
+STALE_TMP_S = 6 * 3600  # a registration still writing after this long is taken for a crashed one
 
 
 class RegistryError(RuntimeError):
@@ -235,6 +237,7 @@ class Registry:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
             with self._locked():
+                self._clean_tmp(keep=tmp)
                 index = self.list()
                 number = 1 + max((int(v.version[1:]) for v in index if v.version[1:].isdigit()), default=0)
                 while (self.root / "versions" / f"v{number:04d}").exists():  # orphan of a crashed register
@@ -254,6 +257,20 @@ class Registry:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _clean_tmp(self, keep: Path, older_than_s: float = STALE_TMP_S) -> None:
+        """Remove what registrations killed mid-way left in `.tmp/` (weights can be large). Only entries
+        untouched for `older_than_s`: another process may be writing a version there right now."""
+        now = time.time()
+        for entry in self.root.joinpath(".tmp").iterdir():
+            try:
+                stale = entry != keep and now - entry.stat().st_mtime > older_than_s
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+            if stale and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif stale:
+                entry.unlink(missing_ok=True)
 
     def _activate_locked(self, version: str) -> None:
         self.get(version, verify=True)  # never point servers at a broken version

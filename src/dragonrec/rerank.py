@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,12 @@ class RerankConfig(BaseModel):
 
     diversity: float = Field(0.0, ge=0.0, le=1.0)
     """MMR lambda: 0 = pure relevance (the input order), 1 = only dissimilarity; a request may override it."""
+    mode: Literal["mmr", "dpp"] = "mmr"
+    """'mmr': maximal marginal relevance; 'dpp': greedy MAP of a determinantal point process (Chen et al. 2018)
+    with quality exp(alpha * rel), alpha = (1 - diversity) / (2 * diversity). Calibration applies to MMR only."""
+    novelty: float = Field(0.0, ge=0.0)
+    """Weight (beside the similarity term, so scaled by the knob) of a penalty on the item's log popularity:
+    demotes items every user gets, so more of the catalog is shown; 0 = off."""
     category_cap: int | None = Field(None, ge=1)
     """At most this many items per category in the re-ranked head (while the candidates allow it)."""
     calibration: float = Field(0.0, ge=0.0)
@@ -111,11 +118,21 @@ class DiversityReranker(Reranker):
         self.cfg = cfg or RerankConfig()
         self.vectors: np.ndarray | None = None
         self.catalog: Catalog | None = None
+        self.popularity: np.ndarray | None = None
 
-    def fit(self, catalog: Catalog, vectors: np.ndarray | None = None) -> DiversityReranker:
-        """Read the catalog (categories, brands, prices, stock) and the item text vectors [n_catalog, dim]."""
+    def fit(self, catalog: Catalog, vectors: np.ndarray | None = None,
+            popularity: np.ndarray | None = None) -> DiversityReranker:
+        """Read the catalog (categories, brands, prices, stock), the item text vectors [n_catalog, dim] and the
+        items' popularity [n_catalog] (training users per item; the novelty term needs it)."""
         cfg, n = self.cfg, len(catalog)
         self.catalog = catalog
+        if popularity is not None:
+            pop = np.log1p(np.maximum(np.asarray(popularity, dtype=np.float64), 0.0))
+            if len(pop) != n:
+                raise ValueError(f"popularity of {len(pop)} items for a catalog of {n} items")
+            self.popularity = pop / max(float(pop.max()), 1e-12)  # [0, 1]: log popularity over the most popular
+        elif cfg.novelty > 0:
+            raise ValueError("novelty > 0 needs the items' popularity: fit(catalog, vectors, popularity=...)")
         if vectors is not None:
             v = np.asarray(vectors, dtype=np.float32)
             if v.shape[0] != n:
@@ -203,6 +220,11 @@ class DiversityReranker(Reranker):
         """Positions into `items` [m] (best first): a greedy head of up to `head` picks, then the rest in order."""
         cfg, m = self.cfg, len(items)
         rel = _relevance(scores)
+        if lam > 0 and cfg.novelty > 0:
+            # folded into relevance in its MMR weight: (1 - lam) rel' = (1 - lam) rel - lam * novelty * pop
+            rel = rel - lam / max(1.0 - lam, 1e-6) * cfg.novelty * self.popularity[items]
+        if lam > 0 and cfg.mode == "dpp":
+            return self._dpp(items, rel, lam, head)
         cats = self.category_codes[items]
         capped = self.known_category[items]  # unknown categories are their own: never capped
         use_sim = lam > 0 and self.vectors is not None
@@ -239,6 +261,43 @@ class DiversityReranker(Reranker):
                 in_p[cand_slot[j]] += 1
             if use_sim:
                 max_sim = np.maximum(max_sim, emb @ emb[j])
+        return np.concatenate([np.asarray(chosen, dtype=np.int64), np.flatnonzero(left)])
+
+    def _dpp(self, items: np.ndarray, rel: np.ndarray, lam: float, head: int) -> np.ndarray:
+        """Greedy MAP inference of a DPP with kernel L = diag(q) S diag(q), S the cosine similarities of the item
+        vectors, q = exp(alpha * (rel - max rel)) (Chen, Zhang & Zhou 2018, Algorithm 1 and eq. 20's trade-off),
+        with category caps. Positions into `items`, the greedy head first."""
+        if self.vectors is None:
+            raise ValueError("diversity needs item vectors: fit the DiversityReranker with vectors")
+        cfg, m = self.cfg, len(items)
+        alpha = (1.0 - lam) / (2.0 * lam)
+        q = np.exp(alpha * (rel - rel.max()))
+        emb = self.vectors[items].astype(np.float64)
+        k = min(head, m)
+        cis = np.zeros((k, m))
+        d2 = q * q * np.einsum("ij,ij->i", emb, emb) + 1e-12
+        cats, capped = self.category_codes[items], self.known_category[items]
+        counts: dict[int, int] = {}
+        left = np.ones(m, dtype=bool)
+        chosen: list[int] = []
+        for t in range(k):
+            ok = left.copy()
+            if cfg.category_cap is not None:
+                ok &= ~(np.asarray([counts.get(int(c), 0) >= cfg.category_cap for c in cats]) & capped)
+            if not ok.any():
+                break
+            j = int(np.flatnonzero(ok)[np.argmax(d2[ok])])  # ties: the earlier (more relevant) item
+            if d2[j] <= 1e-10 and chosen:
+                break  # the remaining items add no volume: relevance order below
+            chosen.append(j)
+            left[j] = False
+            counts[int(cats[j])] = counts.get(int(cats[j]), 0) + 1
+            if t == k - 1:
+                break
+            row = q[j] * q * (emb @ emb[j])  # L[j, :]
+            e = (row - cis[:t, j] @ cis[:t]) / np.sqrt(d2[j])
+            cis[t] = e
+            d2 = np.maximum(d2 - e * e, 0.0)
         return np.concatenate([np.asarray(chosen, dtype=np.int64), np.flatnonzero(left)])
 
 

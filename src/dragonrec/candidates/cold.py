@@ -1,4 +1,5 @@
-"""Cold start without history or preferences: popularity, with some slots given to new or rarely seen items."""
+"""Cold start: popularity (overall, or in the categories a user stated or browses), with some slots given to new or
+rarely seen items; and how much the content (dense) path weighs for users with only one or two events."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ class ColdStartConfig(BaseModel):
     """An item seen by at most this many training users counts as rarely seen (never-seen items always do)."""
     seed: int = 0
     """Seed of the exploration order (a request may pass its own)."""
+    segment: bool = False
+    """A user with no positive event who stated categories (no free text): the most popular items of those
+    categories (popularity by segment), with the same exploration slots; False: the dense preference query
+    (measured side by side in benchmarks/bench_cold.py, docs/diversity.md)."""
+    few_events: int = 2
+    """Users with at least one and at most this many positive events count as nearly cold (0 = none do)."""
+    dense_weight: float = 0.0
+    """For nearly cold users, the list is re-ordered by 1/(60 + scorer rank) + dense_weight / (60 + dense rank):
+    the content path weighs more where the history says little; 0 = the scorer's order."""
 
 
 class ColdStart:
@@ -71,6 +81,18 @@ class ColdStart:
                 used[i] = True
                 out.append(int(i))
         return np.asarray(out, dtype=np.int64)
+
+    def segment_ranking(self, in_segment: np.ndarray, n: int | None = None, seed: int | None = None) -> np.ndarray:
+        """`ranking()` restricted to the items where `in_segment` [n_items] bool is true (popularity by segment,
+        exploration slots from the segment's explore pool), then every other item in `ranking()` order."""
+        rank = self.ranking(seed=seed)
+        seg = ColdStart(self.cfg)
+        seg.popularity = np.where(in_segment, self.popularity, -1)  # outside items rank after every inside one
+        seg.explore_pool = self.explore_pool[in_segment[self.explore_pool]]
+        head = seg.ranking(seed=seed)
+        head = head[in_segment[head]]
+        out = np.concatenate([head, rank[~in_segment[rank]]])
+        return out if n is None else out[:n]
 
     def scores(self, seed: int | None = None) -> np.ndarray:
         """[n_items] float32 scores whose descending order is `ranking()`; all in (-3, -2], below any cosine."""

@@ -100,22 +100,23 @@ def top_k(scores: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = Non
             if e is not None and len(e):
                 s[b, np.asarray(e, dtype=np.int64)] = -np.inf
     k = min(k, n)
+    items = np.full((B, max(k, 0)), -1, np.int64)
+    vals = np.full((B, max(k, 0)), -np.inf, np.float32)
     if k <= 0 or B == 0:
-        return Candidates(np.full((B, max(k, 0)), -1, np.int64), np.full((B, max(k, 0)), -np.inf, np.float32))
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]  # the k-th largest score per row
-    above = s > kth[:, None]
-    tied = s == kth[:, None]
-    need = k - above.sum(axis=1)
-    # among items tied at the k-th score, the lowest indices get the remaining places
-    chosen = (above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))) & (s > -np.inf)
-    cols = np.argsort(~chosen, axis=1, kind="stable")[:, :k]  # chosen columns first, in index order
-    vals = np.take_along_axis(s, cols, axis=1)
-    ok = np.take_along_axis(chosen, cols, axis=1)
-    vals = np.where(ok, vals, -np.inf)
-    order = np.lexsort((cols, -vals), axis=1)  # by score, then index
-    items = np.where(ok, cols, -1)
-    return Candidates(np.take_along_axis(items, order, axis=1).astype(np.int64),
-                      np.take_along_axis(vals, order, axis=1).astype(np.float32))
+        return Candidates(items, vals)
+    # Per row, a few O(n) passes (a request's row can span a million items): argpartition finds the k-th
+    # largest score; the items above it and the lowest-index ties at it are the top k.
+    for b in range(B):
+        row = s[b]
+        kth = row[np.argpartition(row, n - k)[n - k:]].min()
+        if kth == -np.inf:
+            chosen = np.flatnonzero(row > -np.inf)
+        else:
+            above = np.flatnonzero(row > kth)
+            chosen = np.concatenate([above, np.flatnonzero(row == kth)[:k - len(above)]])
+        chosen = chosen[np.lexsort((chosen, -row[chosen]))]  # by score, then index
+        items[b, :len(chosen)], vals[b, :len(chosen)] = chosen, row[chosen]
+    return Candidates(items, vals)
 
 
 class ModelSource(CandidateSource):
@@ -164,6 +165,26 @@ class PopularitySource(CandidateSource):
     def scores(self, histories, actions=None, preferences=None) -> np.ndarray:
         row = np.log1p(self.popularity).astype(np.float32)
         return np.broadcast_to(row, (len(histories), len(row))).copy()
+
+    def candidates(self, histories, actions=None, k=100, exclude=None, preferences=None, scores=None) -> Candidates:
+        # Everyone's list is the same ranking minus their exclusions: rank the catalog once (top_k's order:
+        # score, then index), not per request (a full-catalog pass each on catalogs of millions).
+        if scores is not None:
+            return super().candidates(histories, actions, k, exclude, preferences, scores)
+        if getattr(self, "_ranked_for", None) is not self.popularity:  # fit and update_catalog set a new array
+            row = np.log1p(self.popularity).astype(np.float32)
+            finite = np.flatnonzero(np.isfinite(row))
+            self._ranked, self._row, self._ranked_for = finite[np.lexsort((finite, -row[finite]))], row, self.popularity
+        ranked, row = self._ranked, self._row
+        B = len(histories)
+        k = min(k, len(row))
+        out = Candidates(np.full((B, max(k, 0)), -1, np.int64), np.full((B, max(k, 0)), -np.inf, np.float32))
+        for b in range(B):
+            ex = np.zeros(0, np.int64) if exclude is None or exclude[b] is None else np.asarray(exclude[b], np.int64)
+            head = ranked[:k + len(ex)]  # at most len(ex) of these are excluded
+            head = head[~np.isin(head, ex)][:k]
+            out.items[b, :len(head)], out.scores[b, :len(head)] = head, row[head]
+        return out
 
 
 class DenseConfig(BaseModel):

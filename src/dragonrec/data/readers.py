@@ -7,6 +7,7 @@ rows are dropped and counted in a `ReadReport` instead of failing the whole read
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,26 +102,73 @@ class Dataset:
         }
 
 
+def _lines(path: Path):
+    """(line number, text) for each line of a UTF-8 file (a byte-order mark is dropped); a line that is not
+    UTF-8 comes as a DataError naming it instead of its text, so one bad line does not hide the others."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, DataError(path, f"not UTF-8 text: byte {raw[e.start:e.start + 1]!r} at column "
+                                              f"{e.start + 1}", line=lineno)
+
+
 def _read_jsonl(path: Path, on_error: OnError, report: ReadReport) -> pd.DataFrame:
     records, lines = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    for lineno, raw in _lines(path):
+        try:
+            if isinstance(raw, DataError):
+                raise raw
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")  # noqa: TRY004 (reported as malformed JSON below)
-            except ValueError as e:
-                err = DataError(path, f"malformed JSON: {e}", line=lineno)
-                if on_error == "raise":
-                    raise err from None
-                report.add(err)
-                continue
-            records.append(obj)
-            lines.append(lineno)
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")  # noqa: TRY004 (reported as malformed JSON below)
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            report.add(err)
+            continue
+        except ValueError as e:
+            err = DataError(path, f"malformed JSON: {e}", line=lineno)
+            if on_error == "raise":
+                raise err from None
+            report.add(err)
+            continue
+        records.append(obj)
+        lines.append(lineno)
+    if not records and not report.n_skipped:
+        raise DataError(path, "empty file: no JSON lines")
     df = pd.DataFrame.from_records(records)
     df.attrs["locations"] = ("line", np.asarray(lines))
+    return df
+
+
+_CSV_ROW = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def _read_csv(path: Path, on_error: OnError, report: ReadReport) -> pd.DataFrame:
+    """A CSV of strings. A row with more fields than the header is located (raise) or dropped and counted (skip)."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "empty file: no header row") from None
+    except pd.errors.ParserError as e:
+        m = _CSV_ROW.search(str(e))
+        if m is None:
+            raise DataError(path, f"malformed CSV: {str(e).strip()}") from None
+        problem = f"malformed row: {m.group(3)} fields where the header has {m.group(1)}"
+        if on_error == "raise":
+            raise DataError(path, problem, line=int(m.group(2))) from None
+        bad: list[int] = []
+        df = pd.read_csv(path, dtype=str, keep_default_na=True, engine="python",
+                         on_bad_lines=lambda fields: bad.append(len(fields)))  # returning None drops the row
+        for n in bad:  # the python parser does not say where: counted, not located
+            report.add(DataError(path, f"malformed row: {n} fields where the header has {len(df.columns)}"))
+        df.attrs["locations"] = ("row", np.arange(len(df)))
+        return df
+    df.attrs["locations"] = ("line", np.arange(len(df)) + 2)  # line 1 is the header
     return df
 
 
@@ -130,22 +178,23 @@ def read_table(path: Path | str, on_error: OnError = "raise", report: ReadReport
     report = report if report is not None else ReadReport()
     if not path.exists():
         raise DataError(path, "file not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
             df = pd.read_parquet(path)
             df.attrs["locations"] = ("row", np.arange(len(df)))
         elif suffix == ".csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=True)
-            df.attrs["locations"] = ("line", np.arange(len(df)) + 2)  # line 1 is the header
+            df = _read_csv(path, on_error, report)
         elif suffix in (".jsonl", ".json"):
             df = _read_jsonl(path, on_error, report)
         else:
             raise DataError(path, f"unsupported file type {suffix!r} (use parquet, csv or jsonl)")
     except DataError:
         raise
-    except Exception as e:  # pyarrow/pandas parse failures: a broken file
-        raise DataError(path, f"cannot read file: {type(e).__name__}: {e}") from e
+    except Exception as e:  # pyarrow/pandas parse failures: a broken (truncated, corrupt) file
+        raise DataError(path, f"cannot read file (truncated or corrupt?): {type(e).__name__}: {e}") from e
     return df
 
 
@@ -375,57 +424,60 @@ def load_feedback_log(path: Path | str, catalog: Catalog | None = None, on_error
     path = Path(path)
     report = report if report is not None else ReadReport()
     rows, impressions, mentioned = [], [], {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    if path.exists() and path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    for lineno, raw in _lines(path):
+        if isinstance(raw, str) and not raw.strip():
+            continue
+        try:
+            if isinstance(raw, DataError):
+                raise raw
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise DataError(path, "malformed line: not a JSON object", line=lineno)
+            for key in ("user_browsing_history", "llm_recommendations", "user_action"):
+                if key not in obj:
+                    raise DataError(path, f"missing key: {key}", line=lineno)
+            history, recs = obj["user_browsing_history"], obj["llm_recommendations"]
+            if not isinstance(history, list) or not isinstance(recs, list):
+                raise DataError(path, "malformed line: history and recommendations must be lists", line=lineno)
             try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict):
-                    raise DataError(path, "malformed line: not a JSON object", line=lineno)
-                for key in ("user_browsing_history", "llm_recommendations", "user_action"):
-                    if key not in obj:
-                        raise DataError(path, f"missing key: {key}", line=lineno)
-                history, recs = obj["user_browsing_history"], obj["llm_recommendations"]
-                if not isinstance(history, list) or not isinstance(recs, list):
-                    raise DataError(path, "malformed line: history and recommendations must be lists", line=lineno)
-                try:
-                    action, target = parse_user_action(obj["user_action"])
-                except ValueError as e:
-                    raise DataError(path, f"unknown action: {e}", line=lineno) from None
-                ids = [str(i) for i in history] + [str(i) for i in recs] + ([target] if target else [])
-                if catalog is not None:
-                    unknown = [i for i in ids if i not in catalog]
-                    if unknown:
-                        raise DataError(path, f"unknown item: {unknown[0]!r} is not in the catalog", line=lineno)
-                ts = obj.get("timestamp", float(lineno))
-                try:
-                    ts = float(ts)
-                except (TypeError, ValueError):
-                    raise DataError(path, f"non-numeric timestamp: {ts!r}", line=lineno) from None
-            except json.JSONDecodeError as e:
-                err = DataError(path, f"malformed JSON: {e.msg}", line=lineno)
-                if on_error == "raise":
-                    raise err from None
-                report.add(err)
-                continue
-            except DataError as err:
-                if on_error == "raise":
-                    raise
-                report.add(err)
-                continue
-            mentioned.update(dict.fromkeys(ids))
-            user = str(obj.get("user_id", f"feedback-line-{lineno}"))
-            request_id = str(obj.get("request_id", f"{path.stem}-{lineno}"))
-            impressions.append(Impression(request_id=request_id, user_id=user, item_ids=[str(r) for r in recs],
-                                          timestamp=ts))
-            # History happened before the impression: spread it over the second before it, in order.
-            n = len(history)
-            for k, item in enumerate(history):
-                rows.append((user, str(item), Action.VIEW.value, ts - (n - k) / (n + 1), None, float(k)))
-            targets = [target] if target else [str(r) for r in recs]  # "ignored": every shown item passed over
-            for k, item in enumerate(targets):
-                rows.append((user, item, action.value, ts, request_id, float(n + k)))
+                action, target = parse_user_action(obj["user_action"])
+            except ValueError as e:
+                raise DataError(path, f"unknown action: {e}", line=lineno) from None
+            ids = [str(i) for i in history] + [str(i) for i in recs] + ([target] if target else [])
+            if catalog is not None:
+                unknown = [i for i in ids if i not in catalog]
+                if unknown:
+                    raise DataError(path, f"unknown item: {unknown[0]!r} is not in the catalog", line=lineno)
+            ts = obj.get("timestamp", float(lineno))
+            try:
+                ts = float(ts)
+            except (TypeError, ValueError):
+                raise DataError(path, f"non-numeric timestamp: {ts!r}", line=lineno) from None
+        except json.JSONDecodeError as e:
+            err = DataError(path, f"malformed JSON: {e.msg}", line=lineno)
+            if on_error == "raise":
+                raise err from None
+            report.add(err)
+            continue
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            report.add(err)
+            continue
+        mentioned.update(dict.fromkeys(ids))
+        user = str(obj.get("user_id", f"feedback-line-{lineno}"))
+        request_id = str(obj.get("request_id", f"{path.stem}-{lineno}"))
+        impressions.append(Impression(request_id=request_id, user_id=user, item_ids=[str(r) for r in recs],
+                                      timestamp=ts))
+        # History happened before the impression: spread it over the second before it, in order.
+        n = len(history)
+        for k, item in enumerate(history):
+            rows.append((user, str(item), Action.VIEW.value, ts - (n - k) / (n + 1), None, float(k)))
+        targets = [target] if target else [str(r) for r in recs]  # "ignored": every shown item passed over
+        for k, item in enumerate(targets):
+            rows.append((user, item, action.value, ts, request_id, float(n + k)))
     report.rows_read += len(impressions)
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "timestamp", "request_id", "order"])
     if catalog is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -26,3 +28,24 @@ def item_popularity(train: pd.DataFrame, n_items: int, distinct_users: bool = Tr
         age_days = (ev["timestamp"].max() - ev["timestamp"].to_numpy()) / 86400.0
         weights = 0.5 ** (age_days / half_life_days)
     return np.bincount(ev["item_idx"].to_numpy(dtype=np.int64), weights=weights, minlength=n_items).astype(np.float64)
+
+
+def suggest_max_len(history_lengths, percentile: float = 95.0, tokens_per_event: int = 1, lo: int = 16,
+                    hi: int = 256, multiple: int = 8) -> int:
+    """A model's max sequence length (tokens, [BOS] included) that holds the whole history of `percentile` %
+    of users: their `percentile` history length (events) x `tokens_per_event` (2 in narrative mode) + 1,
+    rounded up to a `multiple` (tensor-friendly shapes), within [lo, hi].
+
+    Longer windows cost attention time for the few users who need them; shorter ones cut the context most
+    users have (ml-100k: median 63 ratings; Amazon Beauty: median 4 items). No history at all gives `lo`.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if not 2 <= lo <= hi:
+        raise ValueError(f"need 2 <= lo <= hi, got lo={lo}, hi={hi}")
+    lengths = np.asarray(history_lengths, dtype=np.float64)
+    if not len(lengths):
+        return lo
+    tokens = math.ceil(np.percentile(lengths, percentile)) * tokens_per_event + 1
+    tokens = multiple * math.ceil(tokens / multiple)
+    return int(min(max(tokens, lo), hi))

@@ -26,5 +26,13 @@ class SeqRecConfig(BaseModel):
     use_text: bool = False  # item vector = own vector + linear projection of the item's text embedding
     id_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # text mode: share of items whose own vector is dropped
     # at each training step (inputs and outputs), so the text path alone learns to rank: what cold items rely on
+    # text mode: an output head from item text alone (its own projection, trained on detached hidden states so the
+    # main path is unchanged) scores items without a trained vector (cold items: never interacted with, or added
+    # after training) on the scale of the trained items' scores, through an offset calibrated on validation
+    cold_head: bool = False
+    cold_holdout: float = Field(0.05, ge=0.0, lt=0.5)  # share of trained items the cold head never trains on:
+    # the stand-ins for cold items when its offset is calibrated on validation
+    cold_positions: int = Field(128, ge=1)  # targets per batch the cold head trains on (a random subset: its
+    # logits over every item are 7x wider than the main path's, and its few weights need few examples)
     text_dim: int = Field(384, ge=1)  # width of the item text embeddings (all-MiniLM-L6-v2: 384)
     init_std: float = Field(0.02, gt=0.0)  # normal init of token vectors

@@ -236,6 +236,19 @@ class SeqRecLM(nn.Module):
             nn.init.normal_(self.text_proj.weight, std=cfg.init_std)
             with torch.no_grad():  # text-only items never train a vector of their own: start (and stay) at zero
                 self.embeddings.weight[ITEM_OFFSET + self.n_trained:] = 0.0
+        self.cold_proj: nn.Linear | None = None
+        if cfg.cold_head:
+            if self.text_proj is None:
+                raise ValueError("cold_head=True needs use_text=True (the cold head scores items by their text)")
+            # cold head: logit(item) = <h, cold_proj(text)> + scale * <q, text>, q the recency-weighted mean text
+            # of the history (what dense retrieval matches on), h the detached hidden state
+            self.cold_proj = nn.Linear(cfg.text_dim, cfg.hidden_size, bias=False)
+            nn.init.normal_(self.cold_proj.weight, std=cfg.init_std)
+            self.cold_scale = nn.Parameter(torch.tensor(10.0))  # temperature of the text match (cosine in -1..1)
+            self.cold_decay = nn.Parameter(torch.tensor(1.386))  # logit of the per-step recency decay (0.8)
+            # log-prior of a cold item against the trained ones (set by calibration on validation); -inf until then:
+            # cold items are then scored by the main path, as without the head
+            self.register_buffer("cold_offset", torch.tensor(float("-inf")))
 
     def _dropout_hook(self, module, args, output):
         if isinstance(output, tuple):
@@ -266,6 +279,66 @@ class SeqRecLM(nn.Module):
             self._item_cache = (key, w + self.text_proj(self.text_emb[:n]))
         return self._item_cache[1]
 
+    @property
+    def n_head(self) -> int:
+        """Trained items the cold head trains on: model ids below it (the last `cold_holdout` share of the trained
+        ids, a random set since ids are numbered in a seeded random order, is kept out for calibration)."""
+        return self.n_trained - round(self.cfg.cold_holdout * self.n_trained) if self.cold_proj is not None else 0
+
+    @property
+    def cold_ready(self) -> bool:
+        """Whether cold items are scored by the calibrated cold head."""
+        return self.cold_proj is not None and bool(torch.isfinite(self.cold_offset))
+
+    def cold_vectors(self, text_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, H + text_dim] the cold head's item vectors [cold_proj(text), text] (`text_emb`: other items' text,
+        e.g. products added after training; None = every item of the model)."""
+        if text_emb is not None:
+            return torch.cat([self.cold_proj(text_emb), text_emb], dim=1)
+        if torch.is_grad_enabled():
+            return torch.cat([self.cold_proj(self.text_emb), self.text_emb], dim=1)
+        key = (self.cold_proj.weight._version, self.cold_proj.weight.data_ptr())
+        if getattr(self, "_cold_cache", (None,))[0] != key:
+            self._cold_cache = (key, torch.cat([self.cold_proj(self.text_emb), self.text_emb], dim=1))
+        return self._cold_cache[1]
+
+    def text_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L, text_dim] at each position, the unit-normalised recency-weighted sum of the item texts read so
+        far (decay per token learned): the content query of the cold head."""
+        k = input_ids - ITEM_OFFSET
+        x = self.text_emb[k.clamp(min=0)] * (k >= 0).unsqueeze(-1)
+        t = torch.arange(input_ids.shape[1], device=input_ids.device)
+        lag = (t[:, None] - t[None, :]).float()
+        weights = torch.where(lag >= 0, torch.sigmoid(self.cold_decay) ** lag.clamp(min=0), 0.0)  # [L, L] causal
+        return F.normalize(torch.einsum("ts,bsd->btd", weights, x), dim=-1)
+
+    def cold_query(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """[N, H + text_dim] the head's query from hidden states [N, H] (detached: the head never changes the main
+        path) and text queries [N, text_dim]."""
+        return torch.cat([h.detach(), self.cold_scale * q], dim=1)
+
+    def cold_loss(self, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the cold head over the items it trains on. z: [N, H + text_dim] head queries;
+        targets: [N] model ids (held-out and untrained targets are skipped)."""
+        n = self.n_head
+        keep = targets < n
+        logits = z[keep] @ self.cold_vectors()[:n].T  # [N', n_head]
+        return F.cross_entropy(logits, targets[keep]) if keep.any() else logits.sum() * 0.0
+
+    def log_probs(self, last: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts a calibrated score is made of, for last hidden states [B, H] and the head's queries
+        [B, H + text_dim]: the main path's logits [B, n_items] and the cold head's log-probabilities [B, n_items],
+        its logits normalised over the items it trains on (model ids < n_head), so any other item's value reads as
+        its log-probability had it been one more candidate of that softmax."""
+        main = last @ self.item_vectors().T
+        text = query @ self.cold_vectors().T
+        return main, text - self._head_lse(query, text)
+
+    def _head_lse(self, query: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 1] log-partition of the cold head over its own items (model ids < n_head)."""
+        text = query @ self.cold_vectors()[:self.n_head].T if text is None else text[:, :self.n_head]
+        return torch.logsumexp(text, dim=1, keepdim=True)
+
     def hidden_states(self, input_ids: torch.Tensor, own_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, H] final (normed) hidden states of right-padded token ids [B, L].
 
@@ -292,15 +365,45 @@ class SeqRecLM(nn.Module):
             own = (torch.rand(self.n_items, device=input_ids.device) >= self.cfg.id_dropout).float()
         h = self.hidden_states(input_ids, own)[mask]  # [N, H]: gather first, so pads cost no logits
         logits = h @ self.item_vectors(trained_only=True, own_mask=own).T  # [N, n_trained]
-        return F.cross_entropy(logits, labels[mask], label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits, labels[mask], label_smoothing=label_smoothing)
+        if self.cold_proj is not None:
+            pick = torch.randperm(len(h), device=h.device)[:self.cfg.cold_positions] if self.training else slice(None)
+            q = self.text_query(input_ids)[mask]
+            loss = loss + self.cold_loss(self.cold_query(h[pick], q[pick]), labels[mask][pick])
+        return loss
 
-    def score_items(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, n_items] next-item scores read at each sequence's last real token."""
+    def last_hidden(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
+                    with_query: bool = False):
+        """[B, H] final hidden state at each sequence's last real token (and the cold head's query there)."""
         if lengths is None:
             lengths = (input_ids != PAD_ID).sum(dim=1)
         h = self.hidden_states(input_ids)
-        last = h[torch.arange(len(h), device=h.device), lengths.to(h.device) - 1]
-        return last @ self.item_vectors().T
+        rows, last = torch.arange(len(h), device=h.device), lengths.to(h.device) - 1
+        if not with_query:
+            return h[rows, last]
+        return h[rows, last], self.cold_query(h[rows, last], self.text_query(input_ids)[rows, last])
+
+    def score_items(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
+                    extra_text: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, n_items] next-item scores read at each sequence's last real token (+ [B, m] columns for the
+        `extra_text` [m, text_dim] of items the model has no token for, scored by the cold head; -inf without one).
+
+        Without a calibrated cold head: logits of the main path. With one, log-probabilities: trained items by the
+        main path's log-softmax over them; cold items (model ids >= n_trained, and the extra ones) by the cold
+        head's log-probability plus the calibrated offset, log P(cold item) ~ log P_text(item) + offset."""
+        if not self.cold_ready:
+            scores = self.last_hidden(input_ids, lengths) @ self.item_vectors().T
+            if extra_text is None:
+                return scores
+            return torch.cat([scores, scores.new_full((len(scores), len(extra_text)), -torch.inf)], dim=1)
+        n = self.n_trained
+        last, query = self.last_hidden(input_ids, lengths, with_query=True)
+        main, text_lp = self.log_probs(last, query)
+        parts = [main[:, :n] - torch.logsumexp(main[:, :n], dim=1, keepdim=True), text_lp[:, n:] + self.cold_offset]
+        if extra_text is not None:
+            text = query @ self.cold_vectors(extra_text.to(query.dtype)).T
+            parts.append(text - self._head_lse(query) + self.cold_offset)
+        return torch.cat(parts, dim=1)
 
     def merged_causal_lm(self):
         """A copy of the HF model whose embedding rows already include the text projection (for generate)."""
@@ -320,9 +423,12 @@ class SeqRecLM(nn.Module):
         meta = {"config": self.cfg.model_dump(), "n_items": self.n_items, "n_trained": self.n_trained}
         (path / "seqrec.json").write_text(json.dumps(meta, indent=2))
         if self.text_proj is not None:  # the merged HF weights hide the own/text split: keep it
-            save_file({"own_embeddings": self.embeddings.weight.detach().contiguous(),
-                       "text_proj": self.text_proj.weight.detach().contiguous(),
-                       "text_emb": self.text_emb.contiguous()}, str(path / "seqrec.safetensors"))
+            extra = {"own_embeddings": self.embeddings.weight.detach().contiguous(),
+                     "text_proj": self.text_proj.weight.detach().contiguous(), "text_emb": self.text_emb.contiguous()}
+            if self.cold_proj is not None:
+                extra |= {"cold_proj": self.cold_proj.weight.detach().contiguous(),
+                          "cold_head": torch.stack([self.cold_scale, self.cold_decay, self.cold_offset]).detach()}
+            save_file(extra, str(path / "seqrec.safetensors"))
         if tokenizer is not None:
             tokenizer.save(path)
 
@@ -344,4 +450,8 @@ class SeqRecLM(nn.Module):
             with torch.no_grad():
                 model.embeddings.weight.copy_(extra["own_embeddings"])
                 model.text_proj.weight.copy_(extra["text_proj"])
+                if cfg.cold_head:
+                    model.cold_proj.weight.copy_(extra["cold_proj"])
+                    for i, t in enumerate((model.cold_scale, model.cold_decay, model.cold_offset)):
+                        t.copy_(extra["cold_head"][i])
         return model

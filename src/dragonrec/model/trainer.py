@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +70,7 @@ class TrainResult:
     seconds: dict[str, float] = field(default_factory=dict)  # prep, train, eval, total
     samples: int = 0  # next-item targets trained on (all epochs)
     seconds_to_best: float = 0.0
-    stopped: str = ""  # "patience", "max_epochs" or "time"
+    stopped: str = ""  # "patience", "max_epochs", "time" or "callback"
 
     @property
     def samples_per_s(self) -> float:
@@ -167,6 +169,60 @@ class ValidationSet:
         return {f"ndcg@{k}": ndcg / max(self.n, 1), f"hr@{k}": hr / max(self.n, 1)}
 
 
+def write_checkpoint(ckpt: Path, name: str, tag: str, write: Callable[[Path], None], acc=None) -> Path:
+    """Write the checkpoint `ckpt/name` so that a crash at any moment leaves the previous one whole.
+
+    `write` fills a fresh directory `name.<tag>`; its files are flushed to disk, then `ckpt/name`, a relative
+    symlink, is switched to it by one os.replace (the commit), and older `name.*` directories are removed.
+    With `acc` every process writes (accelerate's save_state) and the main process commits.
+    """
+    main = acc is None or acc.is_main_process
+    target, link = ckpt / f"{name}.{tag}", ckpt / name
+    if link.is_symlink() and os.readlink(link) == target.name:  # a resumed run redoing the committed epoch:
+        target = ckpt / f"{name}.{tag}.redo"  # never rewrite the live checkpoint in place
+    if main:
+        shutil.rmtree(target, ignore_errors=True)  # what a crash left of an earlier try at this tag
+        target.mkdir(parents=True)
+    if acc is not None:
+        acc.wait_for_everyone()
+    write(target)
+    if acc is not None:
+        acc.wait_for_everyone()
+    if main:
+        for p in sorted(target.rglob("*")):
+            if p.is_file():
+                _fsync(p)
+        _fsync(target)
+        tmp = ckpt / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target.name, tmp)
+        if link.is_dir() and not link.is_symlink():  # a checkpoint written before links: set it aside
+            os.rename(link, ckpt / f"{name}.legacy")
+        os.replace(tmp, link)
+        _fsync(ckpt)
+        for old in ckpt.glob(f"{name}.*"):
+            if old != target and old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+    if acc is not None:
+        acc.wait_for_everyone()
+    return link
+
+
+def _save_last(acc, directory: Path, state: dict) -> None:
+    """The resumable checkpoint: accelerate's state (every process) and the loop's counters (main)."""
+    acc.save_state(str(directory))
+    if acc.is_main_process:
+        (directory / "trainer.json").write_text(json.dumps(state))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def check_resume(ckpt: Path, provenance: dict | None) -> None:
     """Refuse to resume checkpoints made on other data, another split, other ties or another seed: the
     resumed model would have trained on what this run holds out."""
@@ -185,11 +241,14 @@ def check_resume(ckpt: Path, provenance: dict | None) -> None:
 
 
 def train_sft(model: SeqRecLM, tokenizer: ItemTokenizer, sequences: Sequence[tuple[np.ndarray, np.ndarray | None]],
-              valid=None, cfg: SFTConfig | None = None, provenance: dict | None = None) -> TrainResult:
+              valid=None, cfg: SFTConfig | None = None, provenance: dict | None = None,
+              on_eval: Callable[[int, float], bool | None] | None = None) -> TrainResult:
     """Train `model` in place on next-item prediction; it ends holding the best validation weights.
 
     sequences: per user (catalog indices, action names or None), oldest first. valid: EvalCases or None
     (then training runs `max_epochs` or until `max_minutes`, and the last weights are kept).
+    on_eval: called after each validation with (epoch, validation NDCG@10); a true return stops training
+    (`stopped` = "callback"), as a hyper-parameter search's pruner asks of a hopeless trial.
     """
     from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -281,6 +340,7 @@ def train_sft(model: SeqRecLM, tokenizer: ItemTokenizer, sequences: Sequence[tup
             state["epoch"] = epoch
             entry = {"epoch": epoch, "loss": total_loss / max(n_steps, 1), "elapsed_s": time.perf_counter() - t_start}
             out_of_time = cfg.max_minutes is not None and (time.perf_counter() - t_start) > 60 * cfg.max_minutes
+            stop_asked = False
             if vset is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs or out_of_time):
                 t1 = time.perf_counter()
                 entry.update(vset.evaluate(model, acc.device))
@@ -290,18 +350,20 @@ def train_sft(model: SeqRecLM, tokenizer: ItemTokenizer, sequences: Sequence[tup
                                  best_elapsed_s=time.perf_counter() - t_start)
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     if ckpt is not None and acc.is_main_process:
-                        model.save_pretrained(ckpt / "best", tokenizer)
+                        write_checkpoint(ckpt, "best", f"e{epoch}", lambda d: model.save_pretrained(d, tokenizer))
                 else:
                     state["bad_evals"] += 1
+                stop_asked = on_eval is not None and bool(on_eval(epoch, entry["ndcg@10"]))
             state["history"].append(entry)
             if not show_bar and not cfg.quiet and acc.is_local_main_process:
                 print(f"{time.strftime('%H:%M:%S')} {cfg.label} epoch {epoch}/{cfg.max_epochs} loss {entry['loss']:.4f} "
                       f"{valid_text(entry)} {entry['elapsed_s']:.0f}s", file=sys.stderr, flush=True)
             progress.update(task, completed=epoch, epoch=epoch, loss=entry["loss"], valid=valid_text(entry))
             if ckpt is not None:
-                acc.save_state(str(ckpt / "last"))
-                if acc.is_main_process:
-                    (ckpt / "last" / "trainer.json").write_text(json.dumps(state))
+                write_checkpoint(ckpt, "last", f"e{epoch}", lambda d: _save_last(acc, d, state), acc)
+            if stop_asked:
+                res.stopped = "callback"
+                break
             if vset is not None and state["bad_evals"] >= cfg.patience:
                 res.stopped = "patience"
                 break

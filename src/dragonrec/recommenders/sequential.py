@@ -81,6 +81,11 @@ def user_sequences(events: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(i, a) for i, a in zip(np.split(items, cuts), np.split(acts, cuts)) if len(i)]
 
 
+COLD_OFFSETS = tuple(np.round(np.arange(-8.0, 8.01, 0.25), 2))
+"""Offsets of the cold head tried by `calibrate_cold` (log-prior of a cold item against trained ones)."""
+OFF = -1e4  # an offset that keeps cold items out of every list: the reference `calibrate_cold` reports
+
+
 class SequentialRecommender(Recommender):
     """SASRec-style next-item model: a causal LM over product tokens with full-softmax cross-entropy."""
 
@@ -95,6 +100,8 @@ class SequentialRecommender(Recommender):
         self._merged = None  # the HF model generate() runs, built on first use
         self.provenance: dict | None = None  # what the data is (checkpoints record it; resume checks it)
         self.text_fallback: str | None = None  # why item text was ignored at fit time (None: used, or not asked)
+        self.cold_calibration: dict | None = None  # what `calibrate_cold` chose at fit time (cold_head only)
+        self.on_eval = None  # per-validation callback (epoch, ndcg) -> stop? for train_sft (dragonrec.tune)
 
     def fit(self, train: pd.DataFrame, catalog: Catalog, valid=None) -> Self:
         check_train_events(train)
@@ -106,7 +113,7 @@ class SequentialRecommender(Recommender):
         self.text_fallback = uninformative_text(vectors) if vectors is not None else None
         if self.text_fallback:  # text that cannot tell items apart can only add noise: IDs alone
             log(None, f"{self.name}: item text ignored, IDs only ({self.text_fallback})", cfg.quiet)
-            cfg = self.cfg = cfg.model_copy(update={"use_text": False})
+            cfg = self.cfg = cfg.model_copy(update={"use_text": False, "cold_head": False})
         self.tokenizer = ItemTokenizer.from_train(train["item_idx"].to_numpy(), len(catalog), cfg.vocab_seed,
                                                   with_all_items=cfg.use_text)
         text = None
@@ -116,11 +123,62 @@ class SequentialRecommender(Recommender):
         self.model = SeqRecLM(cfg.model_part(), self.tokenizer.n_items, self.tokenizer.n_trained, text_emb=text)
         self._merged = None
         self.result = train_sft(self.model, self.tokenizer, user_sequences(train), valid=valid, cfg=cfg.train_part(),
-                                provenance=self.provenance)
+                                provenance=self.provenance, on_eval=self.on_eval)
         self.model.to("cpu").eval()
+        self.cold_calibration = None
+        if self.model.cold_proj is not None and valid is not None and len(valid):
+            self.cold_calibration = self.calibrate_cold(valid)
+            self.model.cold_offset.fill_(self.cold_calibration["offset"])
+            log(None, f"{self.name}: cold-item offset {self.cold_calibration['offset']:+.2f} (validation NDCG@10 "
+                f"{self.cold_calibration['ndcg@10']:.4f}, {self.cold_calibration['ndcg@10_off']:.4f} without cold items)",
+                cfg.quiet)
         if cfg.refit_with_valid and valid is not None and len(valid):
             self.refit(train, catalog, valid)
         return self
+
+    @torch.no_grad()
+    def calibrate_cold(self, cases, offsets: Sequence[float] = COLD_OFFSETS, batch_size: int = 512) -> dict:
+        """The cold head's offset that maximises NDCG@10 (history excluded, ties against the target) on `cases`
+        (validation): the trained items the head never trained on (`cold_holdout`) stand in for cold items, scored
+        by the head as new products will be, beside the main path's log-softmax over the other trained items."""
+        m, tok = self.model, self.tokenizer
+        narrative, max_len, n_head = m.cfg.narrative, m.cfg.max_len, m.n_head
+        grid = torch.as_tensor([OFF, *offsets], dtype=torch.float32)
+        dcg, hits = torch.zeros(len(grid), dtype=torch.float64), torch.zeros(len(grid), dtype=torch.float64)
+        actions = cases.actions if narrative else [None] * len(cases)
+        n_cold_targets = 0
+        for s in range(0, len(cases), batch_size):
+            hist = cases.histories[s:s + batch_size]
+            toks = [tok.encode(np.asarray(h, dtype=np.int64), a, narrative=narrative, max_len=max_len)
+                    for h, a in zip(hist, actions[s:s + batch_size])]
+            main, text_lp = m.log_probs(*m.last_hidden(pad_batch(toks), with_query=True))
+            scores = torch.cat([main[:, :n_head] - torch.logsumexp(main[:, :n_head], 1, keepdim=True),
+                                text_lp[:, n_head:]], dim=1)  # [B, n_items]: warm log-probs, then cold ones
+            rows = np.concatenate([np.full(len(h), b) for b, h in enumerate(hist)]).astype(np.int64)
+            cols = tok.item_ids(np.concatenate(hist).astype(np.int64)) if len(rows) else rows
+            scores[torch.as_tensor(rows[cols >= 0]), torch.as_tensor(cols[cols >= 0])] = -torch.inf
+            tgt = torch.as_tensor(tok.item_ids(cases.targets[s:s + batch_size]))
+            is_cold = tgt >= n_head
+            n_cold_targets += int(is_cold.sum())
+            t = scores.gather(1, tgt.clamp(min=0)[:, None]).masked_fill(tgt[:, None] < 0, -torch.inf)  # [B, 1]
+            # the target's score at each offset [B, K], against the warm items and (offset removed) the cold ones;
+            # its own side compares to its unshifted score, so that it always counts itself exactly once
+            cold_t = is_cold[:, None]
+            t_warm = torch.where(cold_t, t + grid[None, :], t).contiguous()
+            t_cold = torch.where(cold_t, t, t - grid[None, :]).contiguous()
+            warm = torch.sort(scores[:, :n_head], dim=1).values.contiguous()
+            cold = torch.sort(scores[:, n_head:], dim=1).values.contiguous()
+            rank = (warm.shape[1] - torch.searchsorted(warm, t_warm)
+                    + cold.shape[1] - torch.searchsorted(cold, t_cold) - 1)
+            hit = torch.isfinite(t) & (rank < 10)
+            dcg += (hit / torch.log2(rank.double() + 2)).sum(0)
+            hits += hit.sum(0)
+        best = int(torch.argmax(dcg[1:])) + 1
+        n = max(len(cases), 1)
+        return {"offset": float(grid[best]), "ndcg@10": float(dcg[best] / n), "hr@10": float(hits[best] / n),
+                "ndcg@10_off": float(dcg[0] / n), "hr@10_off": float(hits[0] / n), "cases": len(cases),
+                "cold_target_cases": n_cold_targets, "stand_in_items": m.n_trained - n_head,
+                "curve": {f"{float(c):.2f}": float(d / n) for c, d in zip(grid[1:], dcg[1:])}}
 
     def refit(self, train: pd.DataFrame, catalog: Catalog, valid) -> Self:
         """Replace the fitted model by a fresh one trained on train + the validation targets, for the epoch
@@ -130,13 +188,16 @@ class SequentialRecommender(Recommender):
         both = pd.concat([train, valid.as_events(catalog.item_ids)], ignore_index=True)
         both = both.sort_values("user_id", kind="stable").reset_index(drop=True)
         ckpt = self.cfg.checkpoint_dir and str(Path(self.cfg.checkpoint_dir) / "refit")
+        # the cold head's offset was calibrated above: the refit trains its head on every item (no stand-ins)
         cfg2 = self.cfg.model_copy(update={"max_epochs": max(self.result.best_epoch, 1), "max_minutes": None,
-                                           "refit_with_valid": False, "checkpoint_dir": ckpt,
+                                           "refit_with_valid": False, "checkpoint_dir": ckpt, "cold_holdout": 0.0,
                                            "label": f"{self.cfg.label} refit"})
         first = self.result
         refit = type(self)(cfg2)
         refit.provenance = self.provenance
         refit.fit(both, catalog)
+        if refit.model.cold_proj is not None and self.model.cold_ready:
+            refit.model.cold_offset.copy_(self.model.cold_offset)
         self.model, self.tokenizer, self.result = refit.model, refit.tokenizer, refit.result
         self._merged = None
         self.result.history = [*first.history, *self.result.history]
@@ -147,22 +208,33 @@ class SequentialRecommender(Recommender):
         if self.model is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
 
+    @property
+    def scores_new_items(self) -> bool:
+        """Whether products added to the catalog after training get a score (`score(..., new_text=...)`)."""
+        return self.model is not None and self.model.cold_ready
+
     @torch.no_grad()
-    def score(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None,
+              new_text: np.ndarray | None = None) -> np.ndarray:
+        """[B, len(catalog)] scores (-inf for items without a token); with `new_text` [m, text_dim], the text
+        vectors of m products added after training, m more columns that score them by the cold head (-inf
+        without a calibrated one: `scores_new_items`). Histories hold catalog indices (< len(catalog))."""
         self._check_fitted()
         narrative, max_len = self.model.cfg.narrative, self.model.cfg.max_len
         if narrative and actions is None:
             actions = [np.full(len(h), "view", dtype=object) for h in histories]  # unknown actions: read as views
         device = next(self.model.parameters()).device
-        out = np.full((len(histories), len(self.catalog)), -np.inf, dtype=np.float32)
-        cols = self.tokenizer.vocab.catalog_index
+        n_new = 0 if new_text is None else len(new_text)
+        extra = None if new_text is None else torch.as_tensor(np.asarray(new_text, dtype=np.float32), device=device)
+        out = np.full((len(histories), len(self.catalog) + n_new), -np.inf, dtype=np.float32)
+        cols = np.concatenate([self.tokenizer.vocab.catalog_index, len(self.catalog) + np.arange(n_new)])
         actions = list(actions) if actions is not None else [None] * len(histories)
         for s in range(0, len(histories), self.cfg.score_batch_size):
             toks = [self.tokenizer.encode(np.asarray(h, dtype=np.int64), None if actions is None else a,
                                           narrative=narrative, max_len=max_len)
                     for h, a in zip(histories[s:s + self.cfg.score_batch_size],
                                     actions[s:s + self.cfg.score_batch_size])]
-            scores = self.model.score_items(pad_batch(toks).to(device)).float().cpu().numpy()
+            scores = self.model.score_items(pad_batch(toks).to(device), extra_text=extra).float().cpu().numpy()
             out[s:s + len(toks), cols] = scores
         return out
 
@@ -215,7 +287,7 @@ class SequentialRecommender(Recommender):
         self.model.save_pretrained(path, self.tokenizer)
         meta = {"name": self.name, "config": self.cfg.model_dump(), "n_catalog": len(self.catalog),
                 "catalog_sha256": catalog_fingerprint(self.catalog),
-                "train": self.result.to_dict() if self.result else None}
+                "train": self.result.to_dict() if self.result else None, "cold_calibration": self.cold_calibration}
         (path / "recommender.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -235,6 +307,7 @@ class SequentialRecommender(Recommender):
         self.catalog = catalog
         self.model = SeqRecLM.from_pretrained(path).eval()
         self.tokenizer = ItemTokenizer.load(path)
+        self.cold_calibration = meta.get("cold_calibration")
         return self
 
 
@@ -243,4 +316,6 @@ class GenerativeRecommender(SequentialRecommender):
 
     name = "generative"
     # dropout 0.5 was best on Beauty validation with text (0.0683 vs 0.0672 at 0.3; benchmarks/results)
-    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5}
+    # cold_head: products never interacted with (or added after training) are scored by text through a calibrated
+    # head that never changes the trained items' ranking (docs/benchmarks.md, "Cold items")
+    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5, "cold_head": True}

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from dragonrec.serve.ratelimit import RateLimited
 from dragonrec.serve.schemas import (
@@ -54,6 +54,42 @@ class TooManyRequests(ServiceError):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# -- what a refusal looks like in the OpenAPI document ------------------------------------------------------
+class FieldError(BaseModel):
+    loc: str  # "body.events.1.action"
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """Every refusal (4xx): what is wrong in one sentence; a validation error also lists each bad field."""
+
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+_WHY = {
+    400: "The body is not valid JSON (or a header is malformed)",
+    401: "No API key",
+    403: "A wrong API key (on /shop/*: another origin, or no visitor cookie)",
+    404: "Unknown id",
+    409: "Conflicts with the current state",
+    413: "The body (or the event batch) is too large",
+    422: "Invalid input: each bad field named",
+    429: "Over the visitor's rate: retry after Retry-After seconds",
+}
+
+
+def refusals(*codes: int) -> dict[int | str, dict]:
+    """The documented refusals of a route, all with the `Problem` body, so that clients (and schemathesis)
+    know every status a route answers."""
+    return {code: {"model": Problem, "description": _WHY[code]} for code in codes}
+
+
+KEYED = (401, 403)
+BODY = (400, 413, 422)
 
 
 # -- dependencies ------------------------------------------------------------------------------------------
@@ -113,6 +149,14 @@ def require_shop_origin(request: Request) -> None:
         raise Forbidden(f"this route takes requests from the shop's pages only, not from {origin[:100]}")
 
 
+def cookie_secure(request: Request) -> bool:
+    """Whether the service's cookies get the Secure flag: the request came over https (behind a TLS load
+    balancer: uvicorn --proxy-headers) or a configured shop origin is https."""
+    if request.url.scheme == "https":
+        return True
+    return any(o.startswith("https://") for o in service_of(request).settings.storefront_origins)
+
+
 def visitor_of(request: Request) -> str:
     visitor = request.cookies.get(VISITOR_COOKIE)
     if not visitor or len(visitor) > 200:
@@ -142,7 +186,7 @@ router = APIRouter()
 
 # -- recommend, events --------------------------------------------------------------------------------------
 @router.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"],
-             dependencies=[Depends(recommend_key)])
+             dependencies=[Depends(recommend_key)], responses=refusals(*KEYED, *BODY))
 def recommend(body: RecommendRequest, service: ServiceDep, request: Request) -> RecommendResponse:
     """A list for one user; the impression (what was shown, by which version) is stored before the answer.
     Send `request_id` back with every event that answers the list."""
@@ -151,7 +195,8 @@ def recommend(body: RecommendRequest, service: ServiceDep, request: Request) -> 
     return resp
 
 
-@router.post("/v1/events", response_model=IngestResult, tags=["events"], dependencies=Keyed)
+@router.post("/v1/events", response_model=IngestResult, tags=["events"], dependencies=Keyed,
+             responses=refusals(*KEYED, *BODY))
 def post_events(body: EventsIn, service: ServiceDep, request: Request) -> IngestResult:
     """Store a batch of events (all or nothing); an `event_id` already stored is counted as a duplicate."""
     return _ingest(service, request, body.events, "/v1/events")
@@ -166,7 +211,7 @@ def _ingest(service: Service, request: Request, events: list[EventIn], route: st
 
 
 # -- items --------------------------------------------------------------------------------------------------
-@router.get("/v1/items", response_model=ItemsPublic, tags=["items"])
+@router.get("/v1/items", response_model=ItemsPublic, tags=["items"], responses=refusals(422))
 def list_items(service: ServiceDep, q: Annotated[str, Query(max_length=200)] = "",
                limit: Annotated[int, Query(ge=1, le=200)] = 24,
                offset: Annotated[int, Query(ge=0)] = 0) -> ItemsPublic:
@@ -175,7 +220,7 @@ def list_items(service: ServiceDep, q: Annotated[str, Query(max_length=200)] = "
     return ItemsPublic(items=[ItemPublic(**i) for i in items], total=total, limit=limit, offset=offset)
 
 
-@router.get("/v1/items/{item_id:path}", response_model=ItemPublic, tags=["items"])
+@router.get("/v1/items/{item_id:path}", response_model=ItemPublic, tags=["items"], responses=refusals(404, 422))
 def get_item(item_id: str, service: ServiceDep) -> ItemPublic:
     item = service.item(item_id)
     if item is None:
@@ -184,20 +229,21 @@ def get_item(item_id: str, service: ServiceDep) -> ItemPublic:
 
 
 @router.post("/v1/items", response_model=ItemPublic, status_code=status.HTTP_201_CREATED, tags=["items"],
-             dependencies=Keyed)
+             dependencies=Keyed, responses=refusals(*KEYED, 409, *BODY))
 def post_item(body: ItemIn, service: ServiceDep) -> ItemPublic:
     """Add a product: searchable, recommendable and accepted in events as soon as this returns."""
     return ItemPublic(**service.add_item(body))
 
 
-@router.patch("/v1/items/{item_id:path}", response_model=ItemPublic, tags=["items"], dependencies=Keyed)
+@router.patch("/v1/items/{item_id:path}", response_model=ItemPublic, tags=["items"], dependencies=Keyed,
+              responses=refusals(*KEYED, 404, *BODY))
 def patch_item(item_id: str, body: ItemPatch, service: ServiceDep) -> ItemPublic:
     """Change some fields of a product (null clears an optional field)."""
     return ItemPublic(**service.update_item(item_id, body))
 
 
 @router.delete("/v1/items/{item_id:path}", status_code=status.HTTP_204_NO_CONTENT, tags=["items"],
-               dependencies=Keyed)
+               dependencies=Keyed, responses=refusals(*KEYED, 404, 422))
 def delete_item(item_id: str, service: ServiceDep) -> Response:
     """Hide a product from lists and search; past and late events naming it stay valid."""
     service.delete_item(item_id)
@@ -205,7 +251,8 @@ def delete_item(item_id: str, service: ServiceDep) -> Response:
 
 
 # -- users --------------------------------------------------------------------------------------------------
-@router.get("/v1/users/{user_id}/history", response_model=UserHistory, tags=["users"], dependencies=Keyed)
+@router.get("/v1/users/{user_id}/history", response_model=UserHistory, tags=["users"], dependencies=Keyed,
+            responses=refusals(*KEYED, 422))
 def user_history(user_id: str, service: ServiceDep,
                  limit: Annotated[int | None, Query(ge=1, le=100_000)] = None) -> UserHistory:
     """A user's events, oldest first (an unknown user has none)."""
@@ -213,31 +260,35 @@ def user_history(user_id: str, service: ServiceDep,
 
 
 # -- models, loop ---------------------------------------------------------------------------------------------
-@router.get("/v1/models", response_model=ModelsPublic, tags=["models"], dependencies=Keyed)
+@router.get("/v1/models", response_model=ModelsPublic, tags=["models"], dependencies=Keyed,
+            responses=refusals(*KEYED))
 def list_models(service: ServiceDep) -> ModelsPublic:
     return ModelsPublic(**service.models())
 
 
-@router.post("/v1/models/rollback", response_model=ActivateResult, tags=["models"], dependencies=Keyed)
+@router.post("/v1/models/rollback", response_model=ActivateResult, tags=["models"], dependencies=Keyed,
+             responses=refusals(*KEYED, 404, 409, 422))
 def rollback(service: ServiceDep, wait: bool = False) -> ActivateResult:
     """Re-activate the previous version; it loads in the background (`wait=true`: answer once it serves)."""
     return ActivateResult(**service.rollback(wait=wait))
 
 
-@router.post("/v1/models/{version}/activate", response_model=ActivateResult, tags=["models"], dependencies=Keyed)
+@router.post("/v1/models/{version}/activate", response_model=ActivateResult, tags=["models"], dependencies=Keyed,
+             responses=refusals(*KEYED, 404, 409, 422))
 def activate(version: str, service: ServiceDep, wait: bool = False) -> ActivateResult:
     """Make a version active; it loads in the background (`wait=true`: answer once it serves)."""
     return ActivateResult(**service.activate(version, wait=wait))
 
 
 @router.post("/v1/loop/run", response_model=LoopStatus, status_code=status.HTTP_202_ACCEPTED, tags=["loop"],
-             dependencies=Keyed)
+             dependencies=Keyed, responses=refusals(*KEYED, 409))
 def loop_run(service: ServiceDep) -> LoopStatus:
     """Start one round of the feedback loop in the background (409 when none is configured or one runs)."""
     return LoopStatus(**service.run_loop())
 
 
-@router.get("/v1/loop/status", response_model=LoopStatus, tags=["loop"], dependencies=Keyed)
+@router.get("/v1/loop/status", response_model=LoopStatus, tags=["loop"], dependencies=Keyed,
+            responses=refusals(*KEYED))
 def loop_status(service: ServiceDep) -> LoopStatus:
     return LoopStatus(**service.loop_status())
 
@@ -271,7 +322,7 @@ class ShopEventsIn(Input):
 
 
 @router.post("/shop/events", response_model=IngestResult, tags=["storefront"],
-             dependencies=[Depends(require_shop_origin), Depends(limit_visitor)])
+             dependencies=[Depends(require_shop_origin), Depends(limit_visitor)], responses=refusals(403, *BODY, 429))
 def shop_events(body: ShopEventsIn, service: ServiceDep, request: Request) -> IngestResult:
     """Events from the storefront's pages (no key: the shop's origin only; the visitor from its cookie)."""
     visitor = visitor_of(request)
@@ -284,7 +335,7 @@ def shop_events(body: ShopEventsIn, service: ServiceDep, request: Request) -> In
 
 
 @router.post("/shop/recommend", response_model=RecommendResponse, tags=["storefront"],
-             dependencies=[Depends(require_shop_origin), Depends(limit_visitor)])
+             dependencies=[Depends(require_shop_origin), Depends(limit_visitor)], responses=refusals(403, *BODY, 429))
 def shop_recommend(body: ShopRecommendRequest, service: ServiceDep, request: Request) -> RecommendResponse:
     """A list for the visitor of the `dragonrec_visitor` cookie (the shop's origin only)."""
     visitor = visitor_of(request)

@@ -19,6 +19,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -76,7 +78,33 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.openapi = _openapi_with_limits(app, settings)
     return app
+
+
+def _openapi_with_limits(app: FastAPI, settings: Settings):
+    """app.openapi, plus the limits that are settings rather than types (the longest list, the largest event
+    batch): a request the document calls valid is one this server accepts."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()
+        schemas = doc.get("components", {}).get("schemas", {})
+        for name in ("RecommendRequest", "ShopRecommendRequest"):
+            n = schemas.get(name, {}).get("properties", {}).get("n", {})
+            for branch in [n, *n.get("anyOf", [])]:
+                if branch.get("type") == "integer":
+                    branch["maximum"] = settings.max_n
+        for name in ("EventsIn", "ShopEventsIn"):
+            events = schemas.get(name, {}).get("properties", {}).get("events")
+            if events is not None:
+                events["maxItems"] = settings.max_events_per_batch
+        app.openapi_schema = doc
+        return doc
+
+    return openapi
 
 
 def app_from_env() -> FastAPI:
@@ -98,8 +126,8 @@ def _storefront():
 # -- errors -------------------------------------------------------------------------------------------------
 def install_error_handlers(app: FastAPI) -> None:
     """Every refusal as {"detail": "..."}: service refusals with their status, validation errors as 422 (400
-    for a body that is not JSON) naming each bad field, anything unexpected as a 500 that says nothing more
-    (the traceback goes to the log)."""
+    for a body that is not JSON) naming each bad field, a store that cannot be reached as a 503 with
+    Retry-After, anything unexpected as a 500 that says nothing more (the traceback goes to the log)."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -121,6 +149,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+        # The store is unreachable (or, SQLite, locked past its busy timeout): the request's transaction rolled
+        # back, so nothing of it was stored and a retry is safe. 503 + Retry-After tells clients (and the load
+        # balancer) to come back; the log names the cause without the URL (and so without its password).
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        log.error("feedback store unavailable on %s %s: %s", request.method, request.url.path, cause)
+        return JSONResponse({"detail": "the feedback store is unavailable; nothing was stored: retry later"},
+                            status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

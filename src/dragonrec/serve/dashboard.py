@@ -27,7 +27,7 @@ from markupsafe import Markup, escape
 from sqlalchemy import case, func, select
 
 from dragonrec.registry import Registry, RegistryError, VersionInfo
-from dragonrec.serve.api import api_key_of, require_shop_origin
+from dragonrec.serve.api import api_key_of, cookie_secure, require_shop_origin
 from dragonrec.store.models import events as events_t
 from dragonrec.store.models import impressions as impressions_t
 
@@ -104,7 +104,7 @@ async def login(request: Request) -> Response:
         return _login_page(request, 401, "That is not an API key of this service." if keys else "")
     response = RedirectResponse("/admin", status_code=303)
     response.set_cookie(ADMIN_COOKIE, _token(match), max_age=12 * 3600, path="/admin", httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https")
+                        samesite="strict", secure=cookie_secure(request))
     return response
 
 

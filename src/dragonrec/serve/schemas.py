@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StringConstraints, field_validator
 
 from dragonrec.candidates.query import Preferences
-from dragonrec.schema import Action, parse_action
+from dragonrec.schema import ACTIONS, Action, parse_action
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\s]+$")]
@@ -74,7 +74,7 @@ class RecommendRequest(Input):
     """List length (default: the settings' default_n; at most max_n)."""
     context: ContextIn = Field(default_factory=ContextIn)
     diversity: FiniteFloat | None = Field(None, ge=0.0, le=1.0)
-    """Category spread, 0 (relevance order) .. 1 (one per category while possible); default from settings."""
+    """Diversity knob (MMR lambda over item text vectors), 0 (relevance order) .. 1; default from settings."""
     filters: FiltersIn | None = None
     surface: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] | None = None
     """Where the list is shown ("home", "item", "cart", ...), recorded with the impression."""
@@ -113,7 +113,7 @@ class EventIn(Input):
     """Makes retries idempotent: an event id already stored is counted as a duplicate."""
     user_id: Id
     item_id: ItemId
-    action: str
+    action: str = Field(json_schema_extra={"enum": [a.value for a in ACTIONS]})  # other spellings: parse_action
     """view, hover, click, scroll_past, add_to_cart, remove_from_cart, purchase, review (or favorite)."""
     request_id: Id | None = None
     """The recommendation list this event answers."""
@@ -167,6 +167,8 @@ class ItemIn(Input):
 
 class ItemPatch(Input):
     """PATCH /v1/items/{item_id}: the fields to change (null clears an optional one)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})  # {} changes nothing: 422
 
     title: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = None
     brand: Annotated[str, StringConstraints(max_length=200)] | None = None

@@ -22,9 +22,11 @@ next list already follows what they just did; items they scrolled past or remove
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -44,7 +46,9 @@ from dragonrec.pipeline import RequestContext
 from dragonrec.recommenders.base import Recommender
 from dragonrec.recommenders.cooccurrence import CooccurrenceRecommender
 from dragonrec.registry import Registry, RegistryError
+from dragonrec.rerank import RerankConfig
 from dragonrec.schema import NEGATIVE_ACTIONS, Impression
+from dragonrec.serve.batching import batch_pipeline, batched
 from dragonrec.serve.schemas import (
     EventIn,
     IngestResult,
@@ -57,18 +61,19 @@ from dragonrec.serve.schemas import (
 from dragonrec.serve.serving import (
     FALLBACK_VERSION,
     CatalogState,
+    ItemExposure,
     Serving,
     append_items,
+    bandit_explore,
     build_pipeline,
     catalog_row,
-    diversify,
     edited,
-    filtered_out,
     finite,
     item_dict,
     jsonable,
     load_version,
     replay_catalog_log,
+    request_filters,
 )
 from dragonrec.serve.settings import Settings
 from dragonrec.store import Store, StoreError
@@ -140,7 +145,11 @@ class Service:
 
     def __init__(self, settings: Settings, loop: LoopRunner | None = None, embedder: Embedder | None = None):
         """`loop`: the feedback loop behind /v1/loop/*; `embedder`: item text embedder (default MiniLM)."""
+        if settings.explore_epsilon > 0 and settings.explore_slots > 0:
+            # both at once would make a slot's probability depend on two policies: refuse rather than log wrong ones
+            raise ValueError("explore_epsilon and explore_slots are two exploration policies: set one of them")
         self.settings = settings
+        self.exposure = ItemExposure()  # shown slots and clicks per item, for the bandit
         self.loop = loop
         self.embedder = embedder
         self.started_at: float | None = None
@@ -178,6 +187,8 @@ class Service:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(s.resolved_store_url, items=catalog)
         self.registry = Registry(s.resolved_registry_dir)
+        if s.explore_slots > 0:
+            self.exposure.refresh(self.store)
         self.cooccurrence = CooccurrenceRecommender().fit(self.events, self.base_catalog)
         version = self._active_in_registry()
         model, info, error = None, {}, None
@@ -322,7 +333,9 @@ class Service:
 
         The history is the user's dataset events plus their stored events; `context` adds the page's item and
         the cart (never recommended) and stated preferences; `filters` and recently scrolled-past or removed
-        items are left out; `diversity` spreads the list over categories."""
+        items are left out; `diversity` (default: the settings') spreads the list by the pipeline's re-ranker
+        (MMR over item text vectors, 0 = relevance order). With `explore_slots`, a bandit gives up to that many
+        slots of a share of the lists to rarely shown candidates; every slot's probability is stored."""
         sv = self.serving
         st, s = sv.state, self.settings
         n = req.n or s.default_n
@@ -335,17 +348,24 @@ class Service:
                 raise Invalid(f"{where}: unknown item {unknown[0]!r}")
         now = time.time()
         history, actions, demoted = self._history_for(req.user_id, st.catalog, now)
-        exclude = np.unique(np.concatenate([demoted, st.deleted_indices, filtered_out(st, req.filters)]))
-        diversity = s.diversity if req.diversity is None else req.diversity
-        fetch = n if diversity <= 0 else min(len(st.catalog), max(3 * n, n + 20))
-        if s.explore_epsilon > 0:
-            fetch = max(fetch, s.explore_pool)
-        context = RequestContext(item_id=ctx.item_id, cart=list(ctx.cart), preferences=ctx.preferences_obj())
+        try:
+            filters, excluded_ids = request_filters(req.filters)
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+        excluded_ids = [i for i in excluded_ids if i in st.catalog]
+        exclude = np.unique(np.concatenate([demoted, st.deleted_indices, st.catalog.indices(excluded_ids)]))
+        exploring = s.explore_epsilon > 0 or s.explore_slots > 0
+        fetch = max(n, s.explore_pool) if exploring else n
+        context = RequestContext(item_id=ctx.item_id, cart=list(ctx.cart), preferences=ctx.preferences_obj(),
+                                 diversity=req.diversity, filters=filters)  # None: the settings' knob
         # A cold user's exploration slots vary by user (stable for one user across pages).
         recs = sv.pipeline.recommend_for(history, actions, fetch, context, exclude=exclude.tolist(),
                                          seed=zlib.crc32(req.user_id.encode()))
-        chosen = list(recs) if diversity <= 0 else diversify(recs, st.categories, n, diversity)
-        chosen, propensities = explore(chosen[:n], list(recs), s.explore_epsilon, s.explore_pool)
+        if s.explore_slots > 0:
+            chosen, propensities, _ = bandit_explore(list(recs)[:n], list(recs), self.exposure, s.explore_slots,
+                                                     s.explore_share, s.explore_pool, s.explore_max_shown)
+        else:
+            chosen, propensities = explore(list(recs)[:n], list(recs), s.explore_epsilon, s.explore_pool)
         request_id = uuid.uuid4().hex
         label = sv.label if req.surface is None else f"{sv.label}@{req.surface}"
         self.store.add_impression(Impression(
@@ -482,9 +502,21 @@ class Service:
         model = load_version(mv, self.base_catalog)
         return model, mv.info.model_dump(include={"version", "method", "parent", "created", "metrics", "note"})
 
+    def rerank_config(self) -> RerankConfig:
+        """The re-rank stage from settings: the default diversity knob and the shop's rules."""
+        s = self.settings
+        return RerankConfig(diversity=s.diversity, mode=s.diversity_mode, novelty=s.diversity_novelty,
+                            category_cap=s.category_cap, calibration=s.calibration)
+
     def _build(self, state: CatalogState, version: str, model: Recommender | None, info: dict) -> Serving:
+        # Concurrent requests share every stage (batch_pipeline, which waits for company) and the model's
+        # forward passes (batched: no wait of its own, the pipeline's batch already gathered the requests).
+        s = self.settings
         pipe, label = build_pipeline(state, self.events, self.cooccurrence, model, self.settings.quotas,
-                                     self.settings.embedding_cache_dir, self.embedder, self.settings.new_item_slots)
+                                     self.settings.embedding_cache_dir, self.embedder, self.settings.new_item_slots,
+                                     self.rerank_config(),
+                                     wrap_model=lambda m: batched(m, s.batch_inference, s.batch_max_size, 0.0))
+        batch_pipeline(pipe, s.batch_inference, s.batch_max_size, s.batch_max_wait_ms)
         return Serving(state=state, pipeline=pipe, version=version, model=model, label=label, info=info)
 
     def _record_failure(self, version: str, e: BaseException) -> dict:
@@ -504,6 +536,11 @@ class Service:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if self.settings.explore_slots > 0:
+                try:
+                    self.exposure.refresh(self.store)
+                except Exception as e:  # noqa: BLE001 - the bandit explores on the counts it has
+                    log.warning("reading item exposure from the store failed: %s", e)
             try:
                 self._sync_catalog()
             except Exception as e:  # noqa: BLE001 - keep serving the catalog we have
@@ -633,5 +670,14 @@ class Service:
     def _append_catalog_log(self, change: dict) -> None:
         path = self.settings.catalog_log
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({**change, "at": time.time()}, ensure_ascii=False, default=jsonable) + "\n")
+        line = json.dumps({**change, "at": time.time()}, ensure_ascii=False, default=jsonable) + "\n"
+        with path.open("a+b") as f:  # read too: the last byte says whether the previous line was finished
+            fcntl.flock(f, fcntl.LOCK_EX)  # processes sharing the state dir append one whole line at a time
+            try:
+                if f.seek(0, os.SEEK_END) > 0 and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n":
+                    f.write(b"\n")  # a writer killed mid-line left it unfinished: it must not swallow this one
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())  # the change is on disk before the API acknowledges it
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)

@@ -6,10 +6,16 @@ object it started with and nothing is mutated under it.
 
 Fitted models know the catalog they were trained on. Products added through the API are appended after it
 (deleted ones stay in the catalog, hidden), so the trained catalog is always a prefix of the served one and
-`GrownCatalogModel` serves the old model over the longer catalog: histories keep the items it knows, new
-items score -inf by it. Dense retrieval and the cold-start list still propose them, and `NewItemSlots` gives
-the ones proposed a few places in the list (exploration for new items) instead of sinking them below every
-item the model scored.
+`GrownCatalogModel` serves the old model over the longer catalog: histories keep the items it knows; a
+generative model with a calibrated cold head scores the new items from their text (no retraining), other models
+give them -inf. Dense retrieval and the cold-start list still propose them, and for models that cannot score
+them `NewItemSlots` gives the ones proposed a few places in the list (exploration for new items) instead of
+sinking them below every item the model scored.
+
+The re-rank stage is the pipeline's `DiversityReranker` (`ServingReranker`: shop rules, the request's
+`diversity` knob and filters, caps, calibration), then the new-product slots. Exploration over rarely shown
+candidates is a Thompson-sampling bandit on each item's click-through posterior from the feedback store
+(`ItemExposure`, `bandit_explore`), each slot's exact probability stored with the impression.
 
 Catalog changes are also logged (JSON lines under the state dir) and `replay_catalog_log` rebuilds the
 catalog from the dataset's plus the log: on start, and when another process sharing the state dir wrote to it.
@@ -20,25 +26,28 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
 from dragonrec.candidates.sources import DenseConfig, ModelSource
 from dragonrec.data.catalog import Catalog
 from dragonrec.data.stats import item_popularity
 from dragonrec.embed import Embedder
 from dragonrec.evaluate.experiment import saved_recommender_name
-from dragonrec.pipeline import SOURCE_REASONS, Pipeline, PipelineConfig, Recommendations, Reranker
+from dragonrec.pipeline import SOURCE_REASONS, Pipeline, PipelineConfig, Reranker
 from dragonrec.recommenders import recommender_class
 from dragonrec.recommenders.base import Recommender
 from dragonrec.registry import ModelVersion
+from dragonrec.rerank import DiversityReranker, Filters, RerankConfig, RerankRequest
+from dragonrec.schema import POSITIVE_ACTIONS
 from dragonrec.serve.schemas import FiltersIn
 
 log = logging.getLogger("dragonrec.serve")
@@ -49,24 +58,41 @@ ITEM_FIELDS = ("item_id", "title", "brand", "category", "price", "description")
 
 
 class GrownCatalogModel:
-    """A fitted recommender served over a catalog that grew after it was fitted (its catalog is a prefix)."""
+    """A fitted recommender served over a catalog that grew after it was fitted (its catalog is a prefix).
 
-    def __init__(self, model: Recommender, catalog: Catalog):
+    A model with a calibrated cold head (`scores_new_items`: the generative model) scores the new products from
+    their text, embedded here once per catalog change (`cache_dir`/`embedder` as the model's own item text);
+    others give them -inf."""
+
+    def __init__(self, model: Recommender, catalog: Catalog, cache_dir: str | None = None,
+                 embedder: Embedder | None = None):
         base = model.catalog.item_ids
         if len(catalog) < len(base) or list(catalog.item_ids[:len(base)]) != list(base):
             raise ValueError(f"{model.name} was fitted on a catalog that is not a prefix of the served one")
         self.model, self.catalog, self.name = model, catalog, model.name
         self.n_base = len(base)
+        self.new_text = None
+        if len(catalog) > self.n_base and getattr(model, "scores_new_items", False):
+            from dragonrec.embed import catalog_texts, embed_texts
+
+            self.new_text = embed_texts(catalog_texts(catalog)[self.n_base:], embedder=embedder, cache_dir=cache_dir)
+
+    @property
+    def scores_new_items(self) -> bool:
+        return self.new_text is not None or len(self.catalog) == self.n_base
 
     def score(self, histories: Sequence[np.ndarray], actions: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """[B, len(catalog)] float32: the model's scores, -inf for items it never knew."""
+        """[B, len(catalog)] float32: the model's scores; items it never knew by its cold head, else -inf.
+        History items added after training are left out of the model's input."""
         n = len(self.catalog)
         if n == self.n_base:
             return self.model.score(histories, actions)
-        out = np.full((len(histories), n), -np.inf, dtype=np.float32)
         keep = [np.asarray(h, dtype=np.int64) < self.n_base for h in histories]
         h = [np.asarray(hist, dtype=np.int64)[k] for hist, k in zip(histories, keep)]
         a = None if actions is None else [np.asarray(act, dtype=object)[k] for act, k in zip(actions, keep)]
+        if self.new_text is not None:
+            return self.model.score(h, a, new_text=self.new_text)
+        out = np.full((len(histories), n), -np.inf, dtype=np.float32)
         out[:, :self.n_base] = self.model.score(h, a)
         return out
 
@@ -89,6 +115,33 @@ class NewItemSlots(Reranker):
         for s, k in enumerate(new):
             out.insert(min(self.first + s * self.every, len(out)), int(k))
         return np.asarray(out, dtype=np.int64)
+
+
+class ServingReranker(DiversityReranker):
+    """The served re-rank stage: shop rules, diversity, category caps and calibration (`DiversityReranker`, the
+    request's `diversity` knob and filters), then `after` (the new-product slots) over the result."""
+
+    def __init__(self, cfg: RerankConfig, after: Reranker):
+        super().__init__(cfg)
+        self.after = after
+
+    def rerank_for(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray,
+                   request: RerankRequest) -> np.ndarray:
+        keep = super().rerank_for(items, scores, banned, request)
+        return keep[self.after.rerank(items[keep], scores[keep], np.zeros(0, np.int64))]
+
+
+def request_filters(filters: FiltersIn | None) -> tuple[Filters | None, list[str]]:
+    """The re-ranker's filters of a request and the item ids it excludes. ValueError when they contradict."""
+    if filters is None:
+        return None, []
+    fields = filters.model_dump(exclude={"exclude"})
+    try:
+        out = Filters(**fields)
+    except ValidationError as e:  # say only the rule that failed
+        raise ValueError("filters: " + "; ".join(str(x["msg"]).removeprefix("Value error, ") for x in e.errors())) \
+            from None
+    return out, list(filters.exclude)
 
 
 def load_version(version: ModelVersion, catalog: Catalog) -> Recommender:
@@ -184,13 +237,20 @@ class Serving:
 
 def build_pipeline(state: CatalogState, train: pd.DataFrame, cooccurrence: Recommender,
                    model: Recommender | None, quotas: dict[str, int], cache_dir: str | None,
-                   embedder: Embedder | None = None, new_item_slots: int = 2) -> tuple[Pipeline, str]:
+                   embedder: Embedder | None = None, new_item_slots: int = 2,
+                   rerank: RerankConfig | None = None,
+                   wrap_model: Callable[[Any], Any] | None = None) -> tuple[Pipeline, str]:
     """The union pipeline over `state.catalog`: dense retrieval, co-occurrence, the model's own top K and
     popularity, scored by the model; without a model, the same sources minus the model in fused retrieval
     order. Co-occurrence and the model are fitted already (on the dataset's catalog, a prefix of this one);
-    products added since get up to `new_item_slots` places in a list when dense retrieval proposes them."""
+    products added since get up to `new_item_slots` places in a list when dense retrieval proposes them.
+    `rerank`: shop rules and the default diversity knob (a request may override the knob and add filters);
+    `wrap_model` wraps the served model (over the grown catalog), e.g. to batch its forward passes."""
     catalog = state.catalog
-    reranker = NewItemSlots(len(cooccurrence.catalog), slots=new_item_slots)
+    served = None if model is None else GrownCatalogModel(model, catalog, cache_dir=cache_dir, embedder=embedder)
+    # a model that ranks new products itself (the generative model's cold head) needs no forced slots for them
+    n_known = len(catalog) if served is not None and served.scores_new_items else len(cooccurrence.catalog)
+    reranker = ServingReranker(rerank or RerankConfig(), NewItemSlots(n_known, slots=new_item_slots))
     cooc = ModelSource(GrownCatalogModel(cooccurrence, catalog), name="cooccurrence",
                        reason=SOURCE_REASONS["cooccurrence"])
     dense = DenseConfig(cache_dir=cache_dir)
@@ -203,7 +263,7 @@ def build_pipeline(state: CatalogState, train: pd.DataFrame, cooccurrence: Recom
     else:
         sources = dict(quotas) if "model" in quotas else {**quotas, "model": 100}
         cfg = PipelineConfig.union(sources, model=model.name, scorer="model", rest="model", dense=dense)
-        pipe = Pipeline(cfg, model=GrownCatalogModel(model, catalog), sources={"cooccurrence": cooc},
+        pipe = Pipeline(cfg, model=served if wrap_model is None else wrap_model(served), sources={"cooccurrence": cooc},
                         embedder=embedder, reranker=reranker)
         label = f"union[{'+'.join(sources)}] scorer=model:{model.name}"
     return pipe.fit(train, catalog), label
@@ -262,7 +322,7 @@ def replay_catalog_log(path: Path, catalog: Catalog) -> tuple[Catalog, frozenset
     return items, frozenset(deleted)
 
 
-# -- catalog rows, filters, diversity ------------------------------------------------------------------------------------------------
+# -- catalog rows ------------------------------------------------------------------------------------------------
 def item_dict(catalog: Catalog, idx: int) -> dict:
     item = catalog.item(idx).model_dump()
     item["extra"] = {k: jsonable(v) for k, v in item.get("extra", {}).items() if v is not None}
@@ -299,49 +359,112 @@ def edited(catalog: Catalog, idx: int, fields: dict, replace_all: bool) -> Catal
     return Catalog(items)
 
 
-def filtered_out(st: CatalogState, filters: FiltersIn | None) -> np.ndarray:
-    """Catalog indices the request's business filters leave out."""
-    if filters is None:
-        return np.zeros(0, np.int64)
-    keep = np.ones(len(st.catalog), dtype=bool)
-    if filters.categories:
-        wanted = [c.lower() for c in filters.categories]
-        keep &= np.fromiter((any(w in c for w in wanted) for c in st.categories), bool, len(st.catalog))
-    if filters.exclude_categories:
-        unwanted = [c.lower() for c in filters.exclude_categories]
-        keep &= np.fromiter((not any(w in c for w in unwanted) for c in st.categories), bool, len(st.catalog))
-    if filters.brands:
-        keep &= np.isin(st.brands, [b.lower() for b in filters.brands])
-    prices = st.prices
-    if filters.min_price is not None:
-        keep &= np.nan_to_num(prices, nan=-np.inf) >= filters.min_price
-    if filters.max_price is not None:
-        keep &= np.nan_to_num(prices, nan=np.inf) <= filters.max_price
-    out = np.flatnonzero(~keep)
-    if filters.exclude:
-        out = np.concatenate([out, [st.catalog.index_of(i) for i in filters.exclude if i in st.catalog]])
-    return out.astype(np.int64)
+# -- exploration: a Thompson-sampling bandit over rarely shown candidates ------------------------------------
+class ItemExposure:
+    """Per item id: slots shown (impressions in the feedback store) and clicks (positive events answering a
+    request, one per request and item), read incrementally from the store's ingestion cursors."""
+
+    def __init__(self) -> None:
+        self.shown: dict[str, int] = {}
+        self.clicks: dict[str, int] = {}
+        self._clicked: set[tuple[str, str]] = set()
+        self._imp_cursor = self._ev_cursor = 0
+        self._lock = threading.Lock()
+
+    def refresh(self, store) -> int:
+        """Read what arrived since the last call; returns the number of new impressions."""
+        with self._lock:
+            imps, self._imp_cursor = store.new_impressions(self._imp_cursor)
+            shown = dict(self.shown)
+            for imp in imps:
+                for item in imp.item_ids:
+                    shown[item] = shown.get(item, 0) + 1
+            events, self._ev_cursor = store.new_events(self._ev_cursor)
+            clicks = dict(self.clicks)
+            if len(events):
+                pos = events[events["action"].isin(POSITIVE_ACTIONS) & events["request_id"].notna()]
+                for rid, item in zip(pos["request_id"].astype(str), pos["item_id"].astype(str)):
+                    if (rid, item) not in self._clicked:
+                        self._clicked.add((rid, item))
+                        clicks[item] = clicks.get(item, 0) + 1
+            self.shown, self.clicks = shown, clicks  # readers see the old or the new dicts, never half of one
+            return len(imps)
+
+    def posterior(self, item_ids: Sequence[str], prior: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+        """Beta posterior (a, b) [len(item_ids)] of each item's click-through rate: prior + clicks, prior +
+        shown slots without a click."""
+        shown, clicks = self.shown, self.clicks
+        s = np.asarray([shown.get(i, 0) for i in item_ids], dtype=np.float64)
+        c = np.minimum(np.asarray([clicks.get(i, 0) for i in item_ids], dtype=np.float64), s)
+        return prior[0] + c, prior[1] + s - c
 
 
-def diversify(recs: Recommendations, categories: np.ndarray, n: int, weight: float) -> list:
-    """Greedy category spread: each next pick maximises (1 - weight) * relevance - weight * (share of the
-    list so far in its category), relevance falling linearly with the pipeline's rank."""
-    items = list(recs)
-    if not items:
-        return []
-    m = len(items)
-    relevance = 1.0 - np.arange(m) / m
-    cats = [categories[r.idx] or f"#{r.idx}" for r in items]  # no category: its own
-    counts: Counter = Counter()
-    left = list(range(m))
-    out = []
-    while left and len(out) < n:
-        share = np.asarray([counts[cats[j]] for j in left], dtype=np.float64) / max(len(out), 1)
-        best = left[int(np.argmax((1 - weight) * relevance[left] - weight * share))]
-        out.append(items[best])
-        counts[cats[best]] += 1
-        left.remove(best)
-    return out
+def thompson_rank_probabilities(a: np.ndarray, b: np.ndarray, k: int, grid: int = 512,
+                                per_item: int = 32) -> tuple[np.ndarray, float]:
+    """P[i, j] = P(candidate i's draw is the (j+1)-th largest) for independent draws theta_i ~ Beta(a_i, b_i):
+    [K, min(k, K)], and the quadrature error (the largest |sum_i P[i, j] - 1| before normalising).
+
+    P[i, j] = integral of P(exactly j of the others exceed t) dF_i(t): the integral as a sum over cells of a
+    grid (uniform plus each posterior's quantiles, so narrow posteriors are resolved) of the cell's mass under
+    F_i times the others' Poisson-binomial count at the cell's midpoint (a dynamic programme over candidates,
+    leaving i out). Deterministic and exact up to that quadrature error, unlike a Monte-Carlo estimate."""
+    # the Beta cdf and its inverse, without scipy.stats' per-call overhead
+    from scipy.special import betainc, betaincinv
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    K = len(a)
+    k = min(k, K)
+    if K == 0 or k == 0:
+        return np.zeros((K, 0)), 0.0
+    levels = (np.arange(per_item) + 0.5) / per_item
+    t = np.unique(np.concatenate([np.linspace(0.0, 1.0, grid + 1),
+                                  betaincinv(a[:, None], b[:, None], levels[None, :]).ravel()]))
+    mass = np.diff(betainc(a[:, None], b[:, None], t[None, :]), axis=1)  # [K, G-1]
+    above = betainc(b[:, None], a[:, None], 1.0 - ((t[1:] + t[:-1]) / 2)[None, :])  # [K, G-1]: P(theta > mid)
+    count = np.zeros((K, len(t) - 1, k))  # [i, cell, c]: P(exactly c of the others seen so far exceed t)
+    count[:, :, 0] = 1.0
+    for o in range(K):
+        p = above[o][None, :, None]
+        new = count * (1.0 - p)
+        new[:, :, 1:] += count[:, :, :-1] * p
+        new[o] = count[o]  # i's own draw is not among "the others"
+        count = new
+    probs = np.einsum("ig,igc->ic", mass, count)
+    total = probs.sum(axis=0, keepdims=True)
+    return probs / total, float(np.abs(total - 1.0).max())
+
+
+def bandit_explore(greedy: list, ranked: list, exposure: ItemExposure, slots: int, share: float, pool: int,
+                   max_shown: int, rng: np.random.Generator | None = None) -> tuple[list, list[float], int]:
+    """Thompson sampling over the request's rarely shown candidates: (list, each slot's probability, slots
+    explored).
+
+    The candidates: the ranked list's top `pool` items outside the greedy list shown at most `max_shown` times.
+    With probability `share` the request explores: one draw theta_i ~ Beta(1 + clicks_i, 1 + shown_i - clicks_i)
+    per candidate, and the k = min(slots, n, candidates) highest draws replace the greedy list's last k items,
+    highest first. The probabilities are exact (no other choice depends on the coin): an explored slot j holds
+    item i with share * P(i's draw is the (j+1)-th largest) (`thompson_rank_probabilities`), the greedy item in
+    that slot was shown with 1 - share, the slots above the last k with 1."""
+    n = len(greedy)
+    ids = {r.item_id for r in greedy}
+    shown = exposure.shown
+    cands = [r for r in ranked[:max(pool, n)] if r.item_id not in ids and shown.get(r.item_id, 0) <= max_shown]
+    k = min(slots, n, len(cands))
+    if share <= 0 or k == 0:
+        return list(greedy), [1.0] * n, 0
+    rng = rng or np.random.default_rng()
+    if rng.random() >= share:
+        return list(greedy), [1.0] * (n - k) + [1.0 - share] * k, 0
+    a, b = exposure.posterior([r.item_id for r in cands])
+    top = np.argsort(-rng.beta(a, b), kind="stable")[:k]
+    probs, _ = thompson_rank_probabilities(a, b, k)
+    picked = [replace(cands[i], source="explore", reason=EXPLORE_REASON) for i in top]
+    return (list(greedy[:n - k]) + picked, [1.0] * (n - k) + [share * float(probs[i, j]) for j, i in enumerate(top)],
+            k)
+
+
+EXPLORE_REASON = "rarely shown yet: we are learning whether shoppers like it"
 
 
 def finite(x: float) -> float:

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     max_events_per_batch: int = Field(1000, ge=1)
     """Most events one POST /v1/events may carry (413 above)."""
     diversity: float = Field(0.0, ge=0.0, le=1.0)
-    """Default category spread of a list (0: relevance order; 1: one item per category while possible)."""
+    """Default diversity knob of a list (MMR lambda over item text vectors, dragonrec.rerank): 0 = relevance order."""
     demotion_window_s: float = Field(1800.0, ge=0.0)
     """Seconds an item a user scrolled past (or removed from the cart) stays out of their lists."""
     new_item_slots: int = Field(2, ge=0)
@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     the top n. Every slot's probability is stored with the impression, so the feedback loop can estimate
     another version's value from the logs (off-policy); 0: deterministic lists."""
     explore_pool: int = Field(50, ge=1)
-    """Candidates an exploring request draws its list from (the greedy list is always among them)."""
+    """Candidates an exploring request draws from: the list's top this many (epsilon-greedy and the bandit)."""
     loop_method: Literal["sft", "dpo", "sdpo", "pg"] | None = None
     """The feedback loop's fine-tuning method (None: no loop; POST /v1/loop/run answers 409)."""
     loop_every_s: float | None = Field(None, gt=0.0)
@@ -104,6 +104,26 @@ class Settings(BaseSettings):
     """At most this many held-out cases in the gate (a smaller gate is faster and noisier)."""
     loop_max_ndcg_drop: float = Field(0.02, ge=0.0, le=1.0)
     """A candidate may lose at most this share of the active version's held-out NDCG@10."""
+    batch_inference: bool = True
+    """Concurrent requests share one pass of the pipeline and of the model (dragonrec.serve.batching)."""
+    batch_max_size: int = Field(16, ge=1)
+    """Most requests in one shared pass."""
+    batch_max_wait_ms: float = Field(2.0, ge=0.0, le=100.0)
+    """Longest a request waits for others to join its pass (0: only those queued while the last one ran)."""
+    diversity_mode: Literal["mmr", "dpp"] = "mmr"
+    """How `diversity` spreads a list: maximal marginal relevance or a greedy DPP over item text vectors."""
+    diversity_novelty: float = Field(0.0, ge=0.0)
+    """Beside `diversity`, demotion of items by their log popularity (more of the catalog shown); 0: off."""
+    category_cap: int | None = Field(None, ge=1)
+    """At most this many items of one category in a list (while the candidates allow); None: no cap."""
+    calibration: float = Field(0.0, ge=0.0)
+    """Pull of a list's category mix toward the user's history mix (Steck 2018); 0: off."""
+    explore_slots: int = Field(0, ge=0)
+    """Most slots of a list (its last ones) the Thompson-sampling bandit over rarely shown candidates fills (0: off)."""
+    explore_share: float = Field(0.1, ge=0.0, le=1.0)
+    """Share of requests (a coin per request) whose list gets the bandit's slots, when explore_slots > 0."""
+    explore_max_shown: int = Field(50, ge=0)
+    """A candidate shown at most this many times (slots in stored impressions) is rarely shown: explorable."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -149,6 +169,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"settings file {path}: use .toml or .json")
         return tuple(sources)
 
+    def __repr_args__(self):
+        # repr (and so any log line or traceback that prints the settings) shows the store URL's password as ***
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "store_url" and value else value
+
     # -- resolved paths -------------------------------------------------------------------------------
     @property
     def resolved_store_url(self) -> str:
@@ -162,3 +187,14 @@ class Settings(BaseSettings):
     def catalog_log(self) -> Path:
         """Products added, edited and deleted through the API, replayed over the dataset's catalog on start."""
         return self.state_dir / "catalog_changes.jsonl"
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password shown as *** (what may appear in logs and error messages)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (not a URL SQLAlchemy can parse: hide everything before the host)
+        scheme, sep, rest = str(url).partition("://")
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else str(url)

@@ -36,7 +36,7 @@ from sqlalchemy import Column, Double, Integer, MetaData, String, Table, Text, f
 from sqlalchemy.exc import IntegrityError
 
 from dragonrec.serve import dashboard
-from dragonrec.serve.api import VISITOR_COOKIE, limit_visitor, require_shop_origin
+from dragonrec.serve.api import VISITOR_COOKIE, cookie_secure, limit_visitor, require_shop_origin
 from dragonrec.serve.api import _ingest as ingest
 from dragonrec.serve.schemas import EventIn, RecommendRequest
 
@@ -140,7 +140,7 @@ def visitor_of(request: Request) -> tuple[str, bool]:
 
 def _set_cookie(request: Request, response: Response, name: str, value: str) -> None:
     response.set_cookie(name, value, max_age=COOKIE_YEAR, path="/", httponly=True, samesite="lax",
-                        secure=request.url.scheme == "https")
+                        secure=cookie_secure(request))
 
 
 @dataclass

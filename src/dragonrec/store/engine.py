@@ -39,7 +39,8 @@ def make_engine(url: str | Path, config: StoreConfig | None = None) -> Engine:
         return engine
     if backend == "postgresql":
         return create_engine(url, echo=config.echo, pool_size=config.pool_size, pool_pre_ping=True)
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH or "
+    shown = make_url(url).render_as_string(hide_password=True)  # an error message must not carry the password
+    raise ValueError(f"unsupported store URL {shown!r}: use sqlite:///PATH or "
                      "postgresql+psycopg://USER@HOST/DB")
 
 

@@ -17,7 +17,8 @@ def run_sft(data: Path | str, out: Path | str, *, recommender: str = "generative
     """Fit a sequence recommender with checkpoints in out/checkpoints (resumed when present and made on the
     same data, split, ties and seed; refused otherwise), save it with its provenance to out/model, evaluate it,
     write out/report.json and, with a registry, register and activate the version with its validation
-    metrics (test metrics live in the report only: a registry number must never be a test number)."""
+    metrics (test metrics live in the report only: a registry number must never be a test number). Under
+    `accelerate launch` only the main process registers."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
@@ -26,7 +27,13 @@ def run_sft(data: Path | str, out: Path | str, *, recommender: str = "generative
         overrides.setdefault("checkpoint_dir", str(out / "checkpoints"))
     report = run_evaluation(data, recommender, split=split, overrides=overrides, seed=seed, ties=ties,
                             save_to=out / "model", console=console, quiet=quiet)
-    if registry is not None:
+    from accelerate import PartialState
+
+    # under `accelerate launch` every process runs this job: one version is registered, by the main process,
+    # once every process is done
+    state = PartialState()
+    state.wait_for_everyone()
+    if registry is not None and state.is_main_process:
         from dragonrec.registry import DataWindow, Registry
 
         metrics = {f"valid_{k}": v for k, v in report["valid"].items()}
