@@ -210,6 +210,9 @@ class SeqRecLM(nn.Module):
 
     item vector(k) = own row k of the tied embedding (+ text_proj(text_emb[k]) when cfg.use_text);
     score(history, k) = <final hidden state at the history's last token, item vector(k)>.
+    With cfg.cold_head and a calibrated offset, scores are log-probabilities instead: the main path's
+    log-softmax over trained items, and for items without a trained vector the text-only cold head's
+    log-probability plus the offset (`score_items`). `generate` (the merged HF model) uses the main path only.
     """
 
     def __init__(self, cfg: SeqRecConfig, n_items: int, n_trained: int | None = None,
