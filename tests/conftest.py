@@ -62,6 +62,19 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def beauty_first_users_events(n_users: int):
+    """The events of Amazon Beauty's first `n_users` users over the catalog of the items they touched
+    (item_idx re-indexed to it), in memory: (catalog, events)."""
+    from dragonrec.data import Catalog, load_dataset
+
+    ds = load_dataset(shared_dataset("amazon-beauty"))
+    users = ds.events["user_id"].drop_duplicates().iloc[:n_users]
+    events = ds.events[ds.events["user_id"].isin(users)].reset_index(drop=True)
+    catalog = Catalog(ds.catalog.items[ds.catalog.items["item_id"].isin(set(events["item_id"]))])
+    events["item_idx"] = catalog.indices(events["item_id"])
+    return catalog, events
+
+
 def beauty_first_users(tmp_path_factory, n_users: int):
     """The first `n_users` users of Amazon Beauty (5-core), the catalog cut to the items they touched, as a
     dataset and its leave-one-out split."""

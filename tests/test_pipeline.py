@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import shared_dataset
+from conftest import beauty_first_users_events
 
 from dragonrec.candidates.dense import Candidates
 from dragonrec.candidates.sources import (
@@ -15,7 +15,7 @@ from dragonrec.candidates.sources import (
     top_k,
     union_candidates,
 )
-from dragonrec.data import Catalog, leave_one_out, load_dataset
+from dragonrec.data import leave_one_out
 from dragonrec.embed import HashEmbedder
 from dragonrec.evaluate import evaluate_cases
 from dragonrec.evaluate.candidates import candidate_recall, scale_quotas
@@ -304,12 +304,7 @@ def test_top_k_is_batch_independent_and_breaks_ties_by_index():
 
 # -- (e) candidate recall on a real slice ---------------------------------------------------------------------
 def test_candidate_recall_on_a_beauty_slice():
-    ds = load_dataset(shared_dataset("amazon-beauty"))
-    users = ds.events["user_id"].drop_duplicates().iloc[:1500]
-    events = ds.events[ds.events["user_id"].isin(users)].reset_index(drop=True)
-    # the slice's own catalog (its items only), so that embedding it stays fast
-    catalog = Catalog(ds.catalog.items[ds.catalog.items["item_id"].isin(set(events["item_id"]))])
-    events["item_idx"] = catalog.indices(events["item_id"])
+    catalog, events = beauty_first_users_events(1500)  # the slice's own catalog, so that embedding stays fast
     split = leave_one_out(events)
     cooc = CooccurrenceRecommender().fit(split.train, catalog)
     sources = {"dense": DenseSource(NO_CACHE, embedder=HashEmbedder()), "cooccurrence": ModelSource(cooc),

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_dataset
+from conftest import beauty_first_users_events
 
 from dragonrec.candidates.sources import DenseConfig
-from dragonrec.data import Catalog, leave_one_out, load_dataset
+from dragonrec.data import Catalog, leave_one_out
 from dragonrec.embed import HashEmbedder
 from dragonrec.evaluate.metrics import intra_list_diversity
 from dragonrec.pipeline import Pipeline, PipelineConfig
@@ -234,11 +234,7 @@ def test_pipeline_default_is_unchanged_and_filters_hold_in_fill_and_cold_lists(c
 
 
 def test_diversity_knob_on_a_beauty_slice_spreads_the_list_and_keeps_the_top_item():
-    ds = load_dataset(shared_dataset("amazon-beauty"))
-    users = ds.events["user_id"].drop_duplicates().iloc[:1500]
-    events = ds.events[ds.events["user_id"].isin(users)].reset_index(drop=True)
-    catalog = Catalog(ds.catalog.items[ds.catalog.items["item_id"].isin(set(events["item_id"]))])
-    events["item_idx"] = catalog.indices(events["item_id"])
+    catalog, events = beauty_first_users_events(1500)
     split = leave_one_out(events)
     cfg = PipelineConfig.union({"cooccurrence": 100, "popularity": 50}, model="cooccurrence", scorer="model",
                                rest="cooccurrence", dense=NO_CACHE, rerank=RerankConfig())

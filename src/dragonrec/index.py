@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from dragonrec.progress import log
+from dragonrec.registry import fsync_path
 
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 META_FILE = "meta.json"
@@ -233,7 +234,7 @@ class VectorIndex:
         name = f"index.{uuid.uuid4().hex[:12]}.faiss"
         tmp = path / f".{name}.tmp"
         faiss.write_index(self.index, str(tmp))
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path / name)
         meta_tmp = path / f".{META_FILE}.{uuid.uuid4().hex[:12]}.tmp"
         with open(meta_tmp, "w") as f:
@@ -241,7 +242,7 @@ class VectorIndex:
             f.flush()
             os.fsync(f.fileno())
         os.replace(meta_tmp, path / META_FILE)
-        _fsync_file(path)  # the directory: both renames are on disk before anything old goes
+        fsync_path(path)  # the directory: both renames are on disk before anything old goes
         for old in path.glob("index*.faiss"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -292,15 +293,6 @@ def _omp_threads(n: int):
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a file (or a directory's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:

@@ -111,7 +111,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (after a rename in it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,7 +128,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class Registry:
@@ -246,10 +247,10 @@ class Registry:
                                    data_window=data_window, metrics=metrics or {}, config=config or {},
                                    files=digests, note=note)
                 (tmp / MANIFEST).write_text(info.model_dump_json(indent=2))
-                _fsync_dir(tmp)
+                fsync_path(tmp)
                 final = self.root / "versions" / info.version
                 os.rename(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_path(final.parent)
                 _write_json_atomic(self.root / INDEX, {"versions": [v.model_dump() for v in [*index, info]]})
                 if activate:
                     self._activate_locked(info.version)

@@ -335,12 +335,7 @@ class SeqRecLM(nn.Module):
         its log-probability had it been one more candidate of that softmax."""
         main = last @ self.item_vectors().T
         text = query @ self.cold_vectors().T
-        return main, text - self._head_lse(query, text)
-
-    def _head_lse(self, query: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, 1] log-partition of the cold head over its own items (model ids < n_head)."""
-        text = query @ self.cold_vectors()[:self.n_head].T if text is None else text[:, :self.n_head]
-        return torch.logsumexp(text, dim=1, keepdim=True)
+        return main, text - torch.logsumexp(text[:, :self.n_head], dim=1, keepdim=True)
 
     def hidden_states(self, input_ids: torch.Tensor, own_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, H] final (normed) hidden states of right-padded token ids [B, L].
@@ -404,8 +399,10 @@ class SeqRecLM(nn.Module):
         main, text_lp = self.log_probs(last, query)
         parts = [main[:, :n] - torch.logsumexp(main[:, :n], dim=1, keepdim=True), text_lp[:, n:] + self.cold_offset]
         if extra_text is not None:
+            # the head's log-partition is what separates its logit from its log-probability (any item's)
+            lse = (query @ self.cold_vectors()[0] - text_lp[:, 0])[:, None]
             text = query @ self.cold_vectors(extra_text.to(query.dtype)).T
-            parts.append(text - self._head_lse(query) + self.cold_offset)
+            parts.append(text - lse + self.cold_offset)
         return torch.cat(parts, dim=1)
 
     def merged_causal_lm(self):

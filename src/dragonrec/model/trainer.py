@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dragonrec.data.provenance import PROVENANCE, ProvenanceError
 from dragonrec.model.lm import IGNORE, ItemTokenizer, SeqRecLM, pad_batch
+from dragonrec.registry import fsync_path
 from dragonrec.schema import positive_mask
 
 RESUME_KEYS = ("dataset_sha256", "split", "ties", "seed")
@@ -191,15 +192,15 @@ def write_checkpoint(ckpt: Path, name: str, tag: str, write: Callable[[Path], No
     if main:
         for p in sorted(target.rglob("*")):
             if p.is_file():
-                _fsync(p)
-        _fsync(target)
+                fsync_path(p)
+        fsync_path(target)
         tmp = ckpt / f".{name}.link"
         tmp.unlink(missing_ok=True)
         os.symlink(target.name, tmp)
         if link.is_dir() and not link.is_symlink():  # a checkpoint written before links: set it aside
             os.rename(link, ckpt / f"{name}.legacy")
         os.replace(tmp, link)
-        _fsync(ckpt)
+        fsync_path(ckpt)
         for old in ckpt.glob(f"{name}.*"):
             if old != target and old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
@@ -213,14 +214,6 @@ def _save_last(acc, directory: Path, state: dict) -> None:
     acc.save_state(str(directory))
     if acc.is_main_process:
         (directory / "trainer.json").write_text(json.dumps(state))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_resume(ckpt: Path, provenance: dict | None) -> None:
