@@ -14,8 +14,8 @@ server that falls behind shows it as queueing (no coordinated omission). Every l
 Closed loop: c clients each send their next request when the last one answered. Events: batches of `--batch`
 events at fixed event rates, and single events.
 
-A real server (`python -m uvicorn dragonrec.serve.app:app_from_env --factory`, one worker, pure-Python h11
-HTTP: uvloop and httptools are not installed) over a local PostgreSQL (fsync on, synchronous_commit on). The
+A real server (`python -m uvicorn dragonrec.serve.app:app_from_env --factory`, `--workers` processes, uvloop
+and the httptools parser) over a local PostgreSQL (fsync on, synchronous_commit on). The
 load generator is a minimal asyncio HTTP/1.1 client in this process, on the same cores as the server: its
 CPU seconds, the server's and the load average are recorded for every level.
 
@@ -149,11 +149,15 @@ async def drain(pid: int, max_s: float = 300.0) -> float:
     an overloaded level still run to the end in its thread pool and would be charged to the next level.
     Returns the seconds waited."""
     proc = psutil.Process(pid)
+
+    def used() -> float:  # the server and its worker processes
+        return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+
     t0 = time.perf_counter()
-    last = sum(proc.cpu_times()[:2])
+    last = used()
     while time.perf_counter() - t0 < max_s:
         await asyncio.sleep(0.5)
-        now = sum(proc.cpu_times()[:2])
+        now = used()
         if now - last < 0.05:
             break
         last = now
@@ -351,19 +355,22 @@ def run(args, data: Path, model_dir: Path | None, cache_dir: Path, work: Path) -
     events = pd.read_parquet(data / "interactions.parquet", columns=["user_id", "item_id"])
     out: dict = {}
     try:
-        with Server(env, work / "server.log") as server:
+        with Server(env, work / "server.log", ["--workers", str(args.workers)] if args.workers > 1 else []) as server:
             health = json.loads(__import__("httpx").get(server.url + "/health", timeout=30).text)
             print(f"up in {server.startup_s:.0f}s serving {health['model_version']} over "
                   f"{health['catalog_items']} items", flush=True)
             out.update(startup_s=round(server.startup_s, 1), model_version=health["model_version"],
-                       catalog_items=health["catalog_items"], server_rss_mb=round(
-                           psutil.Process(server.proc.pid).memory_info().rss / 2**20))
+                       catalog_items=health["catalog_items"], server_rss_mb=round(sum(
+                           p.memory_info().rss for p in [psutil.Process(server.proc.pid),
+                                                         *psutil.Process(server.proc.pid).children(recursive=True)])
+                           / 2**20))
             bodies = recommend_bodies(events, 20_000, args.seed)
             cpu = CpuMeter(server.proc.pid)
 
             async def levels() -> None:
                 client = Client(server.url)
                 keyed = Client(server.url, {"X-API-Key": API_KEY})
+                await drain(server.proc.pid)  # every worker has loaded (the first one up answers /health)
                 t = time.perf_counter()
                 warm = await closed_loop(client, "/v1/recommend", bodies[-args.warmup:], 2, args.warmup, 300)
                 print(f"warm-up: {warm} ({time.perf_counter() - t:.0f}s)", flush=True)
@@ -501,6 +508,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of arrivals per level (bound)")
     p.add_argument("--max-in-flight", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core)")
     p.add_argument("--no-batching", action="store_true", help="serve with batch_inference off")
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--profile", type=int, default=0, help="profile this many requests in-process instead")
@@ -516,7 +524,7 @@ def main() -> None:
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "loadavg_start": os.getloadavg()},
-              "catalog": args.catalog, "batching": not args.no_batching, "batch_wait_ms": args.batch_wait_ms,
+              "catalog": args.catalog, "workers": args.workers, "batching": not args.no_batching, "batch_wait_ms": args.batch_wait_ms,
               "bounds": {"requests_per_level": args.requests, "seconds_per_level": args.seconds,
                          "max_in_flight": args.max_in_flight}}
     try:

@@ -54,7 +54,8 @@ def free_port() -> int:
 class Server:
     """The service in its own process on 127.0.0.1, settings from the environment."""
 
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, args: list[str] = ()):
+        self.args = list(args)  # more uvicorn options: ["--workers", "2"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env, self.log = {**os.environ, **env}, log
@@ -63,7 +64,7 @@ class Server:
         self._log = open(self.log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "dragonrec.serve.app:app_from_env", "--factory", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
+             "--port", str(self.port), "--log-level", "warning", "--no-access-log", *self.args],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 600:

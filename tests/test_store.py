@@ -238,6 +238,23 @@ def test_impressions_keep_slots_and_answers(store: Store):
         store.add_impression(plain.model_copy(update={"request_id": "r9", "propensities": [1.5]}))
 
 
+def test_the_request_paths_lean_read_orders_as_events_of_user(store: Store):
+    # same-time events: explicit order first (missing last), then arrival; the limit keeps the latest
+    rows = [{"user_id": "u", "item_id": f"i{k}", "action": "view", "timestamp": ts, "event_id": f"x{k}",
+             **({"order": o} if o is not None else {})}
+            for k, (ts, o) in enumerate([(5.0, None), (5.0, 2.0), (5.0, 1.0), (3.0, None), (7.0, None), (5.0, None)])]
+    store.add_events(rows[:4])
+    store.add_events(rows[4:])
+    store.add_events([{"user_id": "other", "item_id": "i9", "action": "click", "timestamp": 6.0, "event_id": "y"}])
+    full = store.events_of_user("u")
+    assert full["item_id"].tolist() == ["i3", "i2", "i1", "i0", "i5", "i4"]
+    lean = store.recent_events("u", limit=100)
+    assert [e[0] for e in lean] == full["item_id"].tolist()
+    assert lean[0] == ("i3", "view", 3.0)
+    assert [e[0] for e in store.recent_events("u", limit=3)] == store.events_of_user("u", limit=3)["item_id"].tolist()
+    assert store.recent_events("nobody", limit=5) == []
+
+
 def test_reads_for_the_loop(store: Store):
     store.add_events(events_batch(12))
     df = store.events_of_user("u1")

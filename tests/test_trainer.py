@@ -175,6 +175,14 @@ def test_item_text_that_cannot_tell_items_apart_falls_back_to_ids(chain_split, m
     assert seq.uninformative_text(np.eye(len(ds.catalog), 384)) is None
 
 
+def test_generative_with_text_switched_off_is_the_id_only_model(chain_split):
+    """A search may choose use_text=False for the generative model: its cold head goes with the text path."""
+    ds, split = chain_split
+    model = GenerativeRecommender(rec_cfg(use_text=False, cold_head=True)).fit(split.train, ds.catalog)
+    assert not model.cfg.cold_head and model.model.text_proj is None and model.model.cold_proj is None
+    assert model.recommend(np.array([5, 6, 7]), n=1) == [8]
+
+
 def test_several_action_types_switch_on_narrative_mode(chain_split):
     ds, split = chain_split
     train = split.train.copy()

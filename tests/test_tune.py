@@ -133,8 +133,9 @@ def test_first_trial_is_the_default_and_the_space_fits_the_data(chain_dataset, c
 
     space = search_space("generative", chain_split.train)
     assert {"hidden_size", "num_layers", "emb_dropout", "hidden_dropout", "lr", "max_len", "id_dropout",
-            "weight_decay"} <= set(space)
-    assert "id_dropout" not in search_space("sasrec", chain_split.train)
+            "weight_decay", "use_text"} <= set(space)
+    assert set(space["use_text"].choices) == {True, False}  # IDs alone is always a candidate
+    assert {"id_dropout", "use_text"}.isdisjoint(search_space("sasrec", chain_split.train))
     long = chain_split.train.loc[np.repeat(chain_split.train.index, 40)]  # histories of about 160 events
     assert space["max_len"].high == 50 and search_space("sasrec", long)["max_len"].high > 150
     result = quiet_search(chain_split, chain_dataset.catalog, trials=1, minutes=5)

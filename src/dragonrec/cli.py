@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -281,6 +282,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port to bind (default 8000)")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where the service keeps its state (default .dragonrec)")] = None,
     settings_file: Annotated[Path | None, typer.Option(help="a TOML or JSON settings file (any Settings field)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="API worker processes (stateless: use one per core over a "
+                                         "PostgreSQL store; each holds the model in its own memory)")] = 1,
 ) -> None:
     """Start the HTTP API (and the storefront) over a dataset and the registry's active model version, which
     is reloaded without dropping requests when it changes. Write and admin routes need a key from
@@ -307,7 +310,18 @@ def serve(
         console.print("note: no API key configured (DRAGONREC_API_KEY): write and admin routes are refused")
     console.print(f"dragonrec serving {settings.data_dir} on http://{settings.host}:{settings.port} "
                   f"(API docs: /docs, OpenAPI: /openapi.json)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        return
+    if settings.loop_every_s is not None:  # every worker would run its own rounds on the same store and registry
+        raise typer.BadParameter("with --workers above 1 the scheduled feedback loop (loop_every_s) would run in "
+                                 "every worker: run it once beside them (`dragonrec loop`) and unset loop_every_s")
+    # Each worker builds the app from the environment (uvicorn's factory mode): pass the options on to it.
+    env = {"data_dir": settings.data_dir, "store_url": store, "registry_dir": registry, "state_dir": state_dir,
+           "settings_file": settings_file}
+    os.environ.update({f"DRAGONREC_{k.upper()}": str(v) for k, v in env.items() if v is not None})
+    uvicorn.run("dragonrec.serve.app:app_from_env", factory=True, workers=workers, host=settings.host,
+                port=settings.port, log_level="info")
 
 
 @app.command("loop")

@@ -101,6 +101,8 @@ def search_space(recommender: str, train=None) -> dict:
     }
     if recommender == "generative":
         space["id_dropout"] = FloatDistribution(0.0, 0.5, step=0.05)
+        # the text path on or off, chosen on validation: item text that does not help is dropped (IDs alone)
+        space["use_text"] = CategoricalDistribution([True, False])
     return space
 
 

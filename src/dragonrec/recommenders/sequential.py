@@ -114,6 +114,8 @@ class SequentialRecommender(Recommender):
         if self.text_fallback:  # text that cannot tell items apart can only add noise: IDs alone
             log(None, f"{self.name}: item text ignored, IDs only ({self.text_fallback})", cfg.quiet)
             cfg = self.cfg = cfg.model_copy(update={"use_text": False, "cold_head": False})
+        if not cfg.use_text and cfg.cold_head:  # text switched off (a search's choice): no text, no cold head
+            cfg = self.cfg = cfg.model_copy(update={"cold_head": False})
         self.tokenizer = ItemTokenizer.from_train(train["item_idx"].to_numpy(), len(catalog), cfg.vocab_seed,
                                                   with_all_items=cfg.use_text)
         text = None

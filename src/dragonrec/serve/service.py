@@ -48,7 +48,7 @@ from dragonrec.recommenders.cooccurrence import CooccurrenceRecommender
 from dragonrec.registry import Registry, RegistryError
 from dragonrec.rerank import RerankConfig
 from dragonrec.schema import NEGATIVE_ACTIONS, Impression
-from dragonrec.serve.batching import batch_pipeline, batched
+from dragonrec.serve.batching import MicroBatcher, batch_pipeline, batched
 from dragonrec.serve.schemas import (
     EventIn,
     IngestResult,
@@ -154,6 +154,7 @@ class Service:
         self.embedder = embedder
         self.started_at: float | None = None
         self._serving: Serving | None = None
+        self._impressions: MicroBatcher | None = None  # group commit of impressions (set by start)
         self._admin = threading.RLock()  # serialises changes (catalog, swaps); requests never take it
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -186,6 +187,10 @@ class Service:
         state = CatalogState.of(catalog, deleted, self.events)
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(s.resolved_store_url, items=catalog)
+        # Group commit: impressions of concurrent requests share one transaction (each request still answers
+        # only once its own impression is committed); alone, a request writes at once.
+        self._impressions = MicroBatcher(self._write_impressions, max_batch=64, max_wait_s=0.0) \
+            if s.batch_inference else None
         self.registry = Registry(s.resolved_registry_dir)
         if s.explore_slots > 0:
             self.exposure.refresh(self.store)
@@ -368,26 +373,34 @@ class Service:
             chosen, propensities = explore(list(recs)[:n], list(recs), s.explore_epsilon, s.explore_pool)
         request_id = uuid.uuid4().hex
         label = sv.label if req.surface is None else f"{sv.label}@{req.surface}"
-        self.store.add_impression(Impression(
+        impression = Impression(
             request_id=request_id, user_id=req.user_id, item_ids=[r.item_id for r in chosen],
             model_version=sv.version, pipeline=label, timestamp=now, scores=[float(r.score) for r in chosen],
-            sources=[r.source for r in chosen], propensities=propensities))
+            sources=[r.source for r in chosen], propensities=propensities)
+        if self._impressions is None:
+            self.store.add_impression(impression)
+        else:
+            self._impressions.submit([impression])
         return RecommendResponse(
             request_id=request_id, model_version=sv.version, cold=recs.cold,
             items=[RecommendedItem(item_id=r.item_id, score=finite(r.score), source=r.source, reason=r.reason)
                    for r in chosen])
+
+    def _write_impressions(self, impressions: list[Impression]) -> list[None]:
+        """One transaction for the impressions of concurrent requests (request ids are fresh: none repeats)."""
+        self.store.add_impressions(impressions)
+        return [None] * len(impressions)
 
     def _history_for(self, user_id: str, catalog: Catalog, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(catalog indices, actions, demoted indices) of a user: dataset events, then stored events. Negative
         events (scroll past, remove from cart) within the demotion window demote their item; older ones
         leave the history (they are weak and stale), so the item may come back."""
         idx, acts, ts = self._dataset_history(user_id)
-        live = self.store.events_of_user(user_id, limit=self.settings.history_limit)
-        if len(live):
-            live = live[live["item_id"].map(catalog.__contains__).to_numpy(dtype=bool)]
-            idx = np.concatenate([idx, catalog.indices(live["item_id"])])
-            acts = np.concatenate([acts, live["action"].to_numpy(dtype=object)])
-            ts = np.concatenate([ts, live["timestamp"].to_numpy(dtype=np.float64)])
+        live = [e for e in self.store.recent_events(user_id, self.settings.history_limit) if e[0] in catalog]
+        if live:
+            idx = np.concatenate([idx, catalog.indices([e[0] for e in live])])
+            acts = np.concatenate([acts, np.asarray([e[1] for e in live], dtype=object)])
+            ts = np.concatenate([ts, np.asarray([e[2] for e in live], dtype=np.float64)])
         negative = np.isin(acts, list(NEGATIVE_ACTIONS))
         recent = ts >= now - self.settings.demotion_window_s
         demoted = np.unique(idx[negative & recent])

@@ -237,6 +237,18 @@ class Store:
             q = q.limit(limit)
         return _time_ordered(self._events_frame(q).iloc[::-1])
 
+    def recent_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]:
+        """The latest `limit` events of a user as (item_id, action, timestamp), in the order of
+        `events_of_user` (time, explicit order with missing last, then arrival): the request path's lean read,
+        plain tuples and no DataFrame."""
+        c = events_t.c
+        q = (select(c.item_id, c.action, c.timestamp, c.event_order, c.ingest_seq).where(c.user_id == user_id)
+             .order_by(c.timestamp.desc(), c.ingest_seq.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        rows.sort(key=lambda r: (r[2], r[3] is None, r[3] or 0, r[4]))
+        return [(r[0], r[1], float(r[2])) for r in rows]
+
     def events_since(self, since: float, until: float | None = None,
                      limit: int | None = None) -> pd.DataFrame:
         """Events with since <= timestamp (< until), in time order (by event time, not arrival)."""
