@@ -23,7 +23,7 @@ def test_serve_with_two_workers_answers_from_both(tmp_path):
     data = beauty_slice(tmp_path / "data", n_items=200, max_users=200)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DRAGONREC_API_KEY": API_KEY}
-    log = open(tmp_path / "serve.log", "wb")
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the server process writes it until the end
     cli = str(Path(sys.executable).parent / "dragonrec")  # the installed command, as an operator runs it
     proc = subprocess.Popen([cli, "serve", "--data", str(data), "--port", str(port),
                              "--state-dir", str(tmp_path / "state"), "--workers", "2"],
