@@ -190,3 +190,37 @@ def test_the_service_ranks_a_product_added_through_the_api_with_its_model(tmp_pa
                                     .json()["items"]]]
         top10 = (np.argsort(-scores, axis=1)[:, :10] == new).any(axis=1)
         assert top10.any() and listed  # some users' lists hold it, from the model's own score
+
+
+def test_cold_item_slots_bring_a_product_nobody_touched_into_lists(tmp_path):
+    """`cold_item_slots=1` through the service on a real Beauty slice: a product added through the API (no user
+    has touched it) takes the 10th place of lists it was not in, the other nine stay as they were; off, nothing
+    moves. (The fallback pipeline: its new-product slots, `new_item_slots`, are off here.)"""
+    from fastapi.testclient import TestClient
+    from serve_helpers import API_KEY, beauty_slice
+
+    from dragonrec.data import load_dataset
+    from dragonrec.serve import Settings, create_app
+
+    data = beauty_slice(tmp_path / "data", n_items=300, max_users=300)
+    ds = load_dataset(data)
+    twin = ds.catalog.items.iloc[int(ds.events["item_idx"].value_counts().index[0])]
+    item = {"item_id": "NEW-1", **{f: str(twin[f]) for f in ("title", "brand", "category") if isinstance(twin.get(f), str)}}
+    users = [str(u) for u in ds.events["user_id"].unique()[:40]]
+
+    def lists(slots: int) -> dict[str, list[str]]:
+        settings = Settings(data_dir=data, state_dir=tmp_path / f"state{slots}", api_keys=[API_KEY], new_item_slots=0,
+                            cold_item_slots=slots, embedding_cache_dir=str(tmp_path / "emb"))
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/v1/items", json=item, headers={"X-API-Key": API_KEY}).status_code == 201
+            return {u: [i["item_id"] for i in client.post("/v1/recommend", json={"user_id": u, "n": 10}).json()["items"]]
+                    for u in users}
+
+    off, on = lists(0), lists(1)
+    moved = [u for u in users if "NEW-1" in on[u] and "NEW-1" not in off[u]]
+    assert len(moved) >= 3  # where dense retrieval proposes it (8 of these 40 users when written), the slot shows it
+    for u in moved:
+        assert on[u].index("NEW-1") == 9 and on[u][:9] == off[u][:9]
+    for u in users:
+        if u not in moved:
+            assert on[u] == off[u]

@@ -196,6 +196,29 @@ def test_filters_by_category_brand_and_price():
 
 
 # -- through the pipeline -------------------------------------------------------------------------------------
+# -- cold-item slots ---------------------------------------------------------------------------------------
+def test_cold_items_take_the_last_slots_closest_in_text_to_the_history_first():
+    cat = catalog_of(["A"] * 8)
+    vec = np.concatenate([two_clusters(), unit([[1, 0, 0.2, 0], [0, 1, 0, 0.2]])])  # 6: near a0, 7: near b0
+    pop = np.array([5, 4, 3, 5, 4, 3, 0, 0])  # items 6 and 7: nobody has interacted with them yet
+    cfg = RerankConfig(cold_item_slots=1, cold_item_position=4)
+    r = DiversityReranker(cfg).fit(cat, vec, popularity=pop)
+    order = [1, 2, 3, 4, 5, 7, 6, 0]
+    # history near cluster a: item 6 (the a-like cold item) takes position 4; the rest keep their order
+    assert rerank(r, order, history=[0]) == [1, 2, 3, 6, 4, 5, 7, 0]
+    assert rerank(r, order, history=[3]) == [1, 2, 3, 7, 4, 5, 6, 0]  # history near b: item 7
+    two = DiversityReranker(cfg.model_copy(update={"cold_item_slots": 2})).fit(cat, vec, popularity=pop)
+    assert rerank(two, order, history=[0]) == [1, 2, 6, 7, 3, 4, 5, 0]  # closest first
+    assert rerank(r, order, history=[0], n=2) == [1, 6, 2, 3, 4, 5, 7, 0]  # a shorter list: its last slot
+    # a cold item already in the list's head fills the slot; no history, no slots, or below the threshold: as is
+    assert rerank(r, [6, 1, 2, 3, 7], history=[3]) == [6, 1, 2, 3, 7]
+    assert rerank(r, order) == order
+    assert rerank(DiversityReranker().fit(cat, vec, popularity=pop), order, history=[0]) == order
+    strict = DiversityReranker(cfg.model_copy(update={"cold_item_min_similarity": 0.99})).fit(cat, vec, popularity=pop)
+    assert rerank(strict, order, history=[0]) == order
+    assert rerank(r, order, history=[0], banned=[6]) == [1, 2, 3, 7, 4, 5, 0]  # a banned one never comes back
+
+
 def chain_config(rerank: RerankConfig | None) -> PipelineConfig:
     return PipelineConfig.union({"dense": 4, "cooccurrence": 3, "popularity": 2}, model="cooccurrence",
                                 scorer="model:cooccurrence", rest="cooccurrence", dense=NO_CACHE, rerank=rerank)

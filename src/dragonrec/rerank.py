@@ -71,6 +71,15 @@ class RerankConfig(BaseModel):
     """Item ids never recommended (hidden, discontinued, out of stock); more via `DiversityReranker.hide`."""
     stock_attributes: bool = True
     """Read the catalog's `in_stock` (False), `stock` (<= 0) and `hidden` (True) columns where present."""
+    cold_item_slots: int = Field(0, ge=0)
+    """Slots of the list for cold items (no user has interacted with them: the fitted popularity is 0) among the
+    candidates: the ones whose text is closest to the history's (positive events) take the last slots up to
+    `cold_item_position` when the list has fewer cold items above that; 0 = off. What a behaviour-trained
+    scorer cannot do for a product it never saw (docs/benchmarks.md, cold items)."""
+    cold_item_position: int = Field(10, ge=1)
+    """The last position (1-based) the cold-item slots end on (a request asking for fewer items: its last)."""
+    cold_item_min_similarity: float = Field(0.0, ge=-1.0, le=1.0)
+    """A cold item takes a slot only if its text's cosine with the history's mean text vector is at least this."""
 
 
 @dataclass
@@ -198,11 +207,43 @@ class DiversityReranker(Reranker):
         keep = self.rerank(items, scores, banned)
         cfg = self.cfg
         lam = cfg.diversity if request.diversity is None else float(request.diversity)
-        if not len(keep) or (lam <= 0 and cfg.category_cap is None and cfg.calibration <= 0):
-            return keep
-        target = self.interest_mix(request.history, request.actions) if cfg.calibration > 0 else {}
-        order = self.select(items[keep], scores[keep], lam, max(cfg.head, request.n or 0), target)
-        return keep[order]
+        if len(keep) and (lam > 0 or cfg.category_cap is not None or cfg.calibration > 0):
+            target = self.interest_mix(request.history, request.actions) if cfg.calibration > 0 else {}
+            keep = keep[self.select(items[keep], scores[keep], lam, max(cfg.head, request.n or 0), target)]
+        if cfg.cold_item_slots and len(keep):
+            keep = keep[self.cold_item_order(items[keep], request)]
+        return keep
+
+    def cold_item_order(self, items: np.ndarray, request: RerankRequest) -> np.ndarray:
+        """Positions into `items` [m] (a finished list, best first) with up to `cold_item_slots` cold items moved
+        up to end on `cold_item_position`: the cold items below that point whose text is closest to the
+        history's, in that order; the other items keep their order. Unchanged without a history or vectors."""
+        cfg, m = self.cfg, len(items)
+        identity = np.arange(m)
+        if self.popularity is None or self.vectors is None or not len(request.history):
+            return identity
+        end = min(cfg.cold_item_position, request.n or cfg.cold_item_position, m)
+        is_cold = self.popularity[items] <= 0
+        need = min(cfg.cold_item_slots, end) - int(is_cold[:end].sum())
+        h = np.asarray(request.history, dtype=np.int64)
+        if request.actions is not None:
+            h = h[positive_mask(np.asarray(request.actions, dtype=object))]
+        if need <= 0 or not len(h):
+            return identity
+        pool = np.flatnonzero(is_cold)
+        pool = pool[pool >= end]  # cold items already in the list count against the slots and keep their place
+        if not len(pool):
+            return identity
+        query = self.vectors[h].mean(axis=0)
+        query /= max(float(np.linalg.norm(query)), 1e-12)
+        sim = self.vectors[items[pool]] @ query
+        best = np.argsort(-sim, kind="stable")[:need]
+        chosen = pool[best[sim[best] >= cfg.cold_item_min_similarity]]
+        if not len(chosen):
+            return identity
+        rest = identity[~np.isin(identity, chosen)]
+        cut = end - len(chosen)
+        return np.concatenate([rest[:cut], chosen, rest[cut:]])
 
     def interest_mix(self, history: np.ndarray, actions: np.ndarray | None) -> dict[int, float]:
         """p(c | u): category code -> share of the user's positive history events (known categories only)."""

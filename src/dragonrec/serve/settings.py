@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     new_item_slots: int = Field(2, ge=0)
     """Places in a list for products added after the models were fitted (they cannot score them), when
     dense retrieval proposes them for the request: exploration for new items."""
+    cold_item_slots: int = Field(0, ge=0)
+    """Places at the end of a list's first 10 for products nobody has interacted with yet (the candidates closest in
+    text to the user's history): what no behaviour-trained scorer ranks (docs/benchmarks.md, cold items)."""
     history_limit: int = Field(200, ge=1)
     """Latest stored events of a user read per request (their dataset events come on top)."""
     reload_interval_s: float = Field(2.0, gt=0.0)
