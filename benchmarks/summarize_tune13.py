@@ -1,0 +1,58 @@
+"""Issue 13's table from `benchmarks/run_issue13.sh`'s summaries: per dataset, popularity and every model with its
+default and tuned configuration (test NDCG@10 / HR@10, mean ± sample std over seeds), the search's time and
+its best validation score.
+
+    .venv/bin/python benchmarks/summarize_tune13.py rees46-multicat-head ml-100k
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def cell(m: dict, key: str) -> str:
+    if key not in m:
+        return "not run"
+    v = m[key]
+    return f"{v['mean']:.4f} ± {v['std']:.4f} (n={v['n']})" if v["n"] > 1 else f"{v['mean']:.4f} (n=1)"
+
+
+def fit_s(m: dict) -> str:
+    runs = m.get("runs") or []
+    return ", ".join(f"{r['fit_seconds']:.1f}" if r["fit_seconds"] < 10 else f"{r['fit_seconds']:.0f}"
+                     for r in runs) if runs else ""
+
+
+def table(dataset: str) -> str:
+    lines = [f"### {dataset}", "",
+             "| model | configuration | test NDCG@10 | test HR@10 | fit seconds per seed | search |",
+             "|---|---|---|---|---|---|"]
+    pop = ROOT / "runs" / "tune13" / dataset / "defaults" / "popularity_s0.json"
+    if pop.exists():
+        t = json.loads(pop.read_text())["test"]
+        lines.append(f"| popularity | (deterministic) | {t['ndcg@10']:.4f} | {t['hr@10']:.4f} | | |")
+    for model in ("cooccurrence", "sasrec", "generative"):
+        f = RESULTS / f"tune13_{dataset}_{model}.json"
+        if not f.exists():
+            lines.append(f"| {model} | | not run | | | |")
+            continue
+        d = json.loads(f.read_text())
+        s = d["search"]
+        done = sum(t["state"].lower() == "complete" for t in s["trials"])
+        pruned = sum(t["state"].lower() == "pruned" for t in s["trials"])
+        search = (f"{len(s['trials'])} trials ({done} complete, {pruned} pruned) in {s['seconds'] / 60:.1f} min, "
+                  f"best valid {s['best_value']:.4f} (trial {s['best_trial']})")
+        lines.append(f"| {model} | default | {cell(d['default'], 'test_ndcg@10')} | {cell(d['default'], 'test_hr@10')} "
+                     f"| {fit_s(d['default'])} | |")
+        lines.append(f"| {model} | tuned: {json.dumps(s['best_params'])} | {cell(d['tuned'], 'test_ndcg@10')} | "
+                     f"{cell(d['tuned'], 'test_hr@10')} | {fit_s(d['tuned'])} | {search} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print("\n".join(table(d) for d in sys.argv[1:]))
