@@ -78,6 +78,32 @@ def test_migrations_to_head_on_an_empty_database(store_url: str):
         engine.dispose()
 
 
+def test_a_review_table_made_by_an_older_storefront_is_adopted(store_url: str):
+    """Before migration 0002 the storefront created `shop_reviews` itself: upgrading such a store keeps it and
+    its rows."""
+    from sqlalchemy import Column, Double, Integer, MetaData, String, Table, Text, insert, select
+
+    engine = make_engine(store_url)
+    try:
+        migrate.upgrade(engine, "0001")
+        old = MetaData()
+        table = Table("shop_reviews", old, Column("event_id", String(64), primary_key=True),
+                      Column("item_id", String, nullable=False, index=True), Column("user_id", String, nullable=False),
+                      Column("stars", Integer, nullable=False), Column("text", Text, nullable=False),
+                      Column("created_at", Double, nullable=False))
+        old.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(insert(table).values(event_id="e1", item_id="i1", user_id="u1", stars=5, text="great",
+                                              created_at=1.0))
+        Store.open(store_url).close()
+        assert migrate.current_revision(engine) == migrate.head_revision()
+        with engine.connect() as conn:
+            assert conn.execute(select(table.c.text)).scalars().all() == ["great"]
+            assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
+    finally:
+        engine.dispose()
+
+
 def test_concurrent_first_opens_migrate_once(store_url: str):
     errors: list[BaseException] = []
 

@@ -32,13 +32,14 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Column, Double, Integer, MetaData, String, Table, Text, func, insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from dragonrec.serve import dashboard
 from dragonrec.serve.api import VISITOR_COOKIE, cookie_secure, limit_visitor, require_shop_origin
 from dragonrec.serve.api import _ingest as ingest
 from dragonrec.serve.schemas import EventIn, RecommendRequest
+from dragonrec.store.models import reviews as reviews_t
 
 log = logging.getLogger(__name__)
 
@@ -397,27 +398,10 @@ def static(name: str) -> FileResponse:
 
 # --- reviews --------------------------------------------------------------------------------------------
 
-# Review text has no place in the event schema (an event's value carries the stars), so it lives in a table of
-# its own in the store's database, keyed by the review event's id.
-_meta = MetaData()
-reviews_t = Table(
-    "shop_reviews", _meta,
-    Column("event_id", String(64), primary_key=True),
-    Column("item_id", String, nullable=False, index=True),
-    Column("user_id", String, nullable=False),
-    Column("stars", Integer, nullable=False),
-    Column("text", Text, nullable=False),
-    Column("created_at", Double, nullable=False),
-)
-
-
+# Review text lives in the store's `shop_reviews` table (store/models.py, created by the store's migrations),
+# keyed by the review event's id.
 def _reviews_engine(request: Request):
-    engine = service_of(request).store.engine
-    ready = getattr(request.app.state, "shop_reviews_ready", None)
-    if ready is not engine:
-        _meta.create_all(engine, checkfirst=True)
-        request.app.state.shop_reviews_ready = engine
-    return engine
+    return service_of(request).store.engine
 
 
 def reviews_of(request: Request, item_id: str, limit: int = 50) -> list[dict]:

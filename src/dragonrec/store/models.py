@@ -1,4 +1,5 @@
-"""The feedback store's tables: impressions (and the items they showed), events, the ingestion counter.
+"""The feedback store's tables: impressions (and the items they showed), events, the ingestion counter, and the
+text of reviews written on the storefront.
 
 One schema for SQLite and PostgreSQL. Times are seconds since the epoch as doubles, as in `dragonrec.schema`.
 The migrations in `migrations/versions/` create exactly these tables; a test compares the two.
@@ -6,7 +7,7 @@ The migrations in `migrations/versions/` create exactly these tables; a test com
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Double, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy import BigInteger, Double, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Fixed constraint names, so that migrations can name what they alter on both backends.
@@ -94,8 +95,23 @@ class EventRow(Base):
     )
 
 
+class ReviewRow(Base):
+    """The text of a review written on the storefront, keyed by its review event's id (the event's value carries
+    the stars; text has no place in the event schema)."""
+
+    __tablename__ = "shop_reviews"
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String, nullable=False, index=True)
+    user_id: Mapped[str] = mapped_column(String, nullable=False)
+    stars: Mapped[int] = mapped_column(Integer, nullable=False)
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[float] = mapped_column(Double, nullable=False)
+
+
 metadata = Base.metadata
 counters = CounterRow.__table__
 impressions = ImpressionRow.__table__
 impression_items = ImpressionItemRow.__table__
 events = EventRow.__table__
+reviews = ReviewRow.__table__
