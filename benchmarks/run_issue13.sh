@@ -4,6 +4,7 @@
 # refitted with seeds 1 and 2, and the summaries in benchmarks/results/tune13_<dataset>_<model>.json.
 #   bash benchmarks/run_issue13.sh ../shared/data/rees46-multicat-head [TRIALS] [MINUTES]
 # Resumable: a report that exists is not made again. One job at a time, OMP_NUM_THREADS threads (default 1).
+# SEEDS="0 1 2" and MODELS="sasrec generative" by default; TUNE=0 runs the defaults only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -29,6 +30,7 @@ for m in $MODELS; do
   for s in $SEEDS; do
     ev "$R/defaults/${m}_s$s.json" --recommender "$m" --seed "$s"
   done
+  [ "${TUNE:-1}" = 1 ] || continue  # TUNE=0: the defaults only
   [ -f "$R/$m/report.json" ] || .venv/bin/dragonrec tune --data "$D" --out "$R/$m" --recommender "$m" \
     --trials "$TRIALS" --minutes "$MINUTES" > "$R/$m.log" 2>&1
   for s in $SEEDS; do
