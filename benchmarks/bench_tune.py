@@ -68,8 +68,8 @@ def summary(args) -> None:
              for name, patterns in (("default", args.defaults), ("tuned", args.tuned))}
     out = {"data": tuned_cfg["dataset"], "recommender": tuned_cfg["recommender"], "split": tuned_cfg["split"],
            "ties": tuned_cfg["ties"],
-           "search": {k: tuned_cfg[k] for k in ("seconds", "stopped", "best_trial", "best_value", "best_params",
-                                                "fixed", "space", "tune", "trials")}}
+           "search": {k: tuned_cfg.get(k) for k in ("seconds", "stopped", "best_trial", "best_value", "best_params",
+                                                    "guard", "fixed", "space", "tune", "trials")}}
     for name, paths in files.items():
         runs = [{**compact(json.loads(Path(p).read_text())), "report": p} for p in paths]
         out[name] = {"runs": runs, **(spread(runs) if runs else {})}

@@ -46,7 +46,11 @@ def table(dataset: str) -> str:
         done = sum(t["state"].lower() == "complete" for t in s["trials"])
         pruned = sum(t["state"].lower() == "pruned" for t in s["trials"])
         search = (f"{len(s['trials'])} trials ({done} complete, {pruned} pruned) in {s['seconds'] / 60:.1f} min, "
-                  f"best valid {s['best_value']:.4f} (trial {s['best_trial']})")
+                  f"chosen: trial {s['best_trial']}, valid {s['best_value']:.4f}")
+        g = s.get("guard") or {}
+        if g:
+            search += (f"; best trial's gain over the default {g['gain']:+.4f} ± {g['se']:.4f} "
+                       f"({'default kept' if g['kept_default'] else 'taken'})")
         lines.append(f"| {model} | default | {cell(d['default'], 'test_ndcg@10')} | {cell(d['default'], 'test_hr@10')} "
                      f"| {fit_s(d['default'])} | |")
         lines.append(f"| {model} | tuned: {json.dumps(s['best_params'])} | {cell(d['tuned'], 'test_ndcg@10')} | "

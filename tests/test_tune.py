@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from dragonrec.data import leave_one_out
 from dragonrec.data.splits import EvalCases, Split
 from dragonrec.data.stats import suggest_max_len
-from dragonrec.tune import TuneConfig, load_tuned, search, search_space
+from dragonrec.tune import TuneConfig, gain_guard, load_tuned, search, search_space
 
 # Tiny models that still learn the chain in a few epochs; every trial takes well under a second.
 FAST = {"max_epochs": 4, "eval_every": 1, "progress": False, "warmup_steps": 5}
@@ -54,7 +54,7 @@ def test_train_sft_callback_sees_every_validation_and_can_stop(chain_dataset, ch
 
 
 def test_search_obeys_its_trial_budget(chain_dataset, chain_split):
-    result = quiet_search(chain_split, chain_dataset.catalog, trials=3, minutes=5)
+    result = quiet_search(chain_split, chain_dataset.catalog, trials=3, minutes=5, min_gain_se=0)
     assert len(result.trials) == 3 and result.stopped == "trials"
     assert result.best_trial is not None and 0 < result.best_value <= 1
     best = result.trials[result.best_trial]
@@ -188,3 +188,31 @@ def test_cli_tune_cooccurrence_without_a_saved_model(chain_dir, tmp_path):
     assert report["config"]["window"] == tuned["best_params"]["window"]
     bad = CliRunner().invoke(app, ["tune", "--data", str(chain_dir), "--out", str(out), "--recommender", "popularity"])
     assert bad.exit_code != 0
+
+
+def test_the_guard_keeps_the_default_unless_the_gain_is_beyond_noise():
+    rng = np.random.default_rng(0)
+    default = rng.random(1000)
+    noisy = default + rng.normal(0.0, 0.2, 1000) + 0.002  # a tiny gain in a lot of noise
+    real = default + rng.normal(0.0, 0.2, 1000) + 0.05
+    g = gain_guard(default, noisy, 2.0)
+    assert g["kept_default"] and abs(g["gain"] - 0.002) < 0.02 and g["se"] > 0
+    assert not gain_guard(default, real, 2.0)["kept_default"]
+    assert gain_guard(default, noisy, 0.0)["kept_default"] == (g["gain"] < 0)  # 0: the better mean wins
+
+
+def test_a_search_keeps_the_default_when_no_trial_beats_it_beyond_noise(chain_dataset, chain_split):
+    from dragonrec.evaluate.metrics import ndcg_at_k, target_ranks
+    from dragonrec.recommenders import build
+    from dragonrec.tune import ndcg_per_case
+
+    kept = quiet_search(chain_split, chain_dataset.catalog, trials=3, minutes=5, min_gain_se=1e9)
+    assert kept.best_trial == 0 and kept.best_params == kept.trials[0]["params"]
+    assert kept.guard == {} or kept.guard["kept_default"]
+    free = quiet_search(chain_split, chain_dataset.catalog, trials=3, minutes=5, min_gain_se=0)
+    assert free.best_value == max(t["value"] for t in free.trials if t["state"] == "COMPLETE")
+    # the per-case scores the guard compares average to the evaluation's NDCG@10
+    model = build("cooccurrence").fit(chain_split.train, chain_dataset.catalog)
+    v = chain_split.valid
+    ranks = target_ranks(model.score(v.histories, v.actions), v.targets, exclude=v.histories)
+    assert abs(ndcg_per_case(model, v).mean() - ndcg_at_k(ranks, 10)) < 1e-9

@@ -7,7 +7,9 @@
 A trial fits the recommender on `split.train` and is scored on `split.valid` only: the test cases are never
 read by the search. Sequence models report every validation NDCG@10 of their early stopping to the pruner,
 which stops a trial that falls below the median of earlier trials at the same epoch. Trial 0 is the
-recommender's default configuration, so the chosen one is never worse than it on validation. `run_tune` then
+recommender's default configuration, so the chosen one is never worse than it on validation; and the best
+trial replaces it only if its gain, paired over the validation cases, is at least `min_gain_se` standard errors
+(the winner of many trials on a small validation set is otherwise mostly noise). `run_tune` then
 trains the final model with the best configuration the way `dragonrec train sft` does (early stopping, refit
 on train + validation targets, saved with its provenance, evaluated, registered) and saves
 `tuned_config.json` (best configuration and every trial) beside it.
@@ -22,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, Field
 from rich.console import Console
 
@@ -46,6 +49,10 @@ class TuneConfig(BaseModel):
     warmup_epochs: int = Field(10, ge=0)  # epochs a trial trains before the pruner may stop it (slow starters)
     min_trial_seconds: float = Field(5.0, ge=0)  # start no trial with less time than this left
     enqueue_default: bool = True  # trial 0 = the recommender's default configuration
+    # The best trial replaces the default (trial 0) only if its validation NDCG@10 gain, paired over the validation
+    # cases, is at least this many standard errors: a winner among many noisy trials on a small validation set is
+    # mostly noise (0 = take the best value as it is)
+    min_gain_se: float = Field(2.0, ge=0)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class TuneResult:
     trials: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str = ""  # "trials" (all run) or "time" (budget spent)
+    guard: dict = field(default_factory=dict)  # the best trial against the default: gain, se, kept_default
     space: dict = field(default_factory=dict)  # searched setting -> its distribution, as text
     fixed: dict = field(default_factory=dict)  # settings every trial shares (--set overrides)
     tune: dict = field(default_factory=dict)  # the TuneConfig
@@ -172,6 +180,7 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
     t0 = time.perf_counter()
     deadline = t0 + 60 * tune.minutes
     records: list[dict] = []
+    per_case: dict[int, np.ndarray] = {}  # complete trial -> its NDCG@10 on each validation case (for the guard)
     best: dict | None = None
     stopped = "trials"
     try:
@@ -210,6 +219,8 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
                     model = build(recommender, overrides_all).fit(split.train, catalog, valid=split.valid)
                     value = float(evaluate_cases(model, split.valid)["metrics"]["ndcg@10"])
                     state = "COMPLETE"
+                if state == "COMPLETE" and tune.enqueue_default and tune.min_gain_se > 0:
+                    per_case[number] = ndcg_per_case(model, split.valid)
             except Exception:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
@@ -228,9 +239,17 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
     finally:
         optuna.logging.set_verbosity(verbosity)
     seconds = time.perf_counter() - t0
+    guard: dict = {}
+    if best is not None and best["number"] != 0 and 0 in per_case and best["number"] in per_case:
+        guard = gain_guard(per_case[0], per_case[best["number"]], tune.min_gain_se)
+        if guard["kept_default"]:
+            log(console, f"the best trial ({best['number']}) gains {guard['gain']:+.4f} validation NDCG@10 over the "
+                         f"default, under {tune.min_gain_se:g} standard errors ({guard['se']:.4f}): the default is kept",
+                quiet)
+            best = records[0]
     result = TuneResult(recommender=recommender, best_params=dict(best["params"]) if best else {},
                         best_value=best["value"] if best else None, best_trial=best["number"] if best else None,
-                        trials=records, seconds=seconds, stopped=stopped,
+                        trials=records, seconds=seconds, stopped=stopped, guard=guard,
                         space={k: _describe(v) for k, v in space.items()}, fixed=overrides,
                         tune=tune.model_dump())
     states = {s: sum(r["state"] == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")}
@@ -239,6 +258,29 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
                  + (f"{result.best_value:.4f} (trial {result.best_trial}): {_params_text(result.best_params)}"
                     if best else "none (no trial finished)"), quiet)
     return result
+
+
+def ndcg_per_case(model, cases, batch_size: int = 512) -> np.ndarray:
+    """[len(cases)] NDCG@10 of each case (history excluded), as the evaluation computes it."""
+    from dragonrec.evaluate.metrics import target_ranks
+
+    out = []
+    for s in range(0, len(cases), batch_size):
+        hist = cases.histories[s:s + batch_size]
+        scores = np.asarray(model.score(hist, cases.actions[s:s + batch_size]), dtype=np.float32)
+        ranks = target_ranks(scores, cases.targets[s:s + batch_size], exclude=hist)
+        out.append(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0))  # 0-based ranks, as ndcg_at_k
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def gain_guard(default: np.ndarray, best: np.ndarray, min_se: float) -> dict:
+    """Whether the best trial's validation gain over the default is real: the mean of the paired per-case
+    differences against `min_se` standard errors of that mean. {"gain", "se", "z", "kept_default"}."""
+    d = np.asarray(best, dtype=np.float64) - np.asarray(default, dtype=np.float64)
+    gain = float(d.mean()) if len(d) else 0.0
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    z = gain / se if se > 0 else (math.inf if gain > 0 else 0.0)
+    return {"gain": gain, "se": se, "z": z, "cases": len(d), "min_se": min_se, "kept_default": bool(z < min_se)}
 
 
 def _params_text(params: dict) -> str:
