@@ -8,6 +8,7 @@ import torch
 
 from dragonrec.data import leave_one_out
 from dragonrec.data.splits import EvalCases
+from dragonrec.data.stats import suggest_max_len
 from dragonrec.model import ItemTokenizer, SeqRecConfig, SeqRecLM
 from dragonrec.model.lm import pad_batch
 from dragonrec.model.trainer import SFTConfig, encode_sequences, train_sft
@@ -181,6 +182,14 @@ def test_generative_with_text_switched_off_is_the_id_only_model(chain_split):
     model = GenerativeRecommender(rec_cfg(use_text=False, cold_head=True)).fit(split.train, ds.catalog)
     assert not model.cfg.cold_head and model.model.text_proj is None and model.model.cold_proj is None
     assert model.recommend(np.array([5, 6, 7]), n=1) == [8]
+
+
+def test_max_len_from_the_training_history_lengths(chain_split):
+    ds, split = chain_split
+    lengths = split.train.groupby("user_id").size().to_numpy()
+    model = SequentialRecommender(rec_cfg(max_len_auto=True, max_epochs=1)).fit(split.train, ds.catalog)
+    assert model.cfg.max_len == model.model.cfg.max_len == suggest_max_len(lengths)
+    assert SequentialRecommender(rec_cfg(max_epochs=1)).fit(split.train, ds.catalog).cfg.max_len == rec_cfg().max_len
 
 
 def test_several_action_types_switch_on_narrative_mode(chain_split):

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from dragonrec.data.catalog import Catalog
+from dragonrec.data.stats import suggest_max_len
 from dragonrec.model.config import SeqRecConfig
 from dragonrec.model.lm import ItemTokenizer, SeqRecLM, pad_batch
 from dragonrec.model.trainer import SFTConfig, TrainResult, train_sft
@@ -31,6 +32,9 @@ class SequentialConfig(SeqRecConfig, SFTConfig):
     """Every model field (`SeqRecConfig`) and training field (`SFTConfig`), flat, plus these."""
 
     narrative_auto: bool = True  # turn on narrative mode when the training data has several action types
+    # max_len from the data: the 95th percentile of training history lengths (events x tokens per event + [BOS],
+    # `data.stats.suggest_max_len`, 16-256) instead of the fixed `max_len`
+    max_len_auto: bool = False
     vocab_seed: int = 0  # seed of the random model-id order of items
     text_cache_dir: str | None = ".cache/embeddings"  # on-disk cache of item text embeddings (None = none)
     score_batch_size: int = 512  # histories per forward pass in score()
@@ -116,6 +120,11 @@ class SequentialRecommender(Recommender):
             cfg = self.cfg = cfg.model_copy(update={"use_text": False, "cold_head": False})
         if not cfg.use_text and cfg.cold_head:  # text switched off (a search's choice): no text, no cold head
             cfg = self.cfg = cfg.model_copy(update={"cold_head": False})
+        if cfg.max_len_auto:
+            max_len = suggest_max_len(train.groupby("user_id").size().to_numpy(),
+                                      tokens_per_event=2 if cfg.narrative else 1)
+            log(None, f"{self.name}: max_len {max_len} from the training history lengths (95th percentile)", cfg.quiet)
+            cfg = self.cfg = cfg.model_copy(update={"max_len": max_len})
         self.tokenizer = ItemTokenizer.from_train(train["item_idx"].to_numpy(), len(catalog), cfg.vocab_seed,
                                                   with_all_items=cfg.use_text)
         text = None
