@@ -96,6 +96,7 @@ def _poisoned(split: Split, n_items: int) -> Split:
 
 @pytest.mark.parametrize("recommender", ["sasrec", "cooccurrence"])
 def test_search_reads_validation_only(chain_dataset, chain_split, recommender, monkeypatch):
+    from dragonrec import tune as tune_module
     from dragonrec.evaluate import runner
     from dragonrec.model import trainer
 
@@ -110,8 +111,15 @@ def test_search_reads_validation_only(chain_dataset, chain_split, recommender, m
         scored.append(np.asarray(cases.targets))
         return evaluate(model, cases, **kw)
 
+    per_case = tune_module.ndcg_per_case
+
+    def spy_per_case(model, cases, **kw):  # the objective and the guard score the fitted model here
+        scored.append(np.asarray(cases.targets))
+        return per_case(model, cases, **kw)
+
     monkeypatch.setattr(trainer.ValidationSet, "__init__", spy_init)
     monkeypatch.setattr(runner, "evaluate_cases", spy_evaluate)
+    monkeypatch.setattr(tune_module, "ndcg_per_case", spy_per_case)
     catalog = chain_dataset.catalog
     clean = quiet_search(chain_split, catalog, recommender, trials=3, minutes=5)
     n_clean = len(scored)

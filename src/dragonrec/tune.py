@@ -159,7 +159,6 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
     """
     import optuna
 
-    from dragonrec.evaluate.runner import evaluate_cases
     from dragonrec.recommenders import build
 
     tune = tune or TuneConfig()
@@ -195,6 +194,7 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
                       for k, v in trial.params.items()}
             t1 = time.perf_counter()
             rec = {"number": number, "params": params}
+            value = None
             try:
                 if sequential:
                     minutes = min(left / 60, tune.trial_share * tune.minutes)
@@ -217,10 +217,15 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
                 else:
                     overrides_all = {**overrides, **params}
                     model = build(recommender, overrides_all).fit(split.train, catalog, valid=split.valid)
-                    value = float(evaluate_cases(model, split.valid)["metrics"]["ndcg@10"])
                     state = "COMPLETE"
-                if state == "COMPLETE" and tune.enqueue_default and tune.min_gain_se > 0:
+                if state == "COMPLETE":
+                    # The objective is the fitted model as it scores (the generative model's cold head calibrated
+                    # after early stopping), per validation case: its mean is the trial's value, the cases feed the
+                    # guard. Early stopping's own best (without the cold head) is kept beside it.
                     per_case[number] = ndcg_per_case(model, split.valid)
+                    if value is not None:
+                        rec["early_stopping_value"] = value
+                    value = float(per_case[number].mean())
             except Exception:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
