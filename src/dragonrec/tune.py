@@ -245,7 +245,7 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
         optuna.logging.set_verbosity(verbosity)
     seconds = time.perf_counter() - t0
     guard: dict = {}
-    if best is not None and best["number"] != 0 and 0 in per_case and best["number"] in per_case:
+    if tune.enqueue_default and best is not None and best["number"] != 0 and 0 in per_case:  # trial 0: the default
         guard = gain_guard(per_case[0], per_case[best["number"]], tune.min_gain_se)
         if guard["kept_default"]:
             log(console, f"the best trial ({best['number']}) gains {guard['gain']:+.4f} validation NDCG@10 over the "
