@@ -20,6 +20,8 @@ mkdir -p "$R/defaults" benchmarks/results
 ev() { local out=$1; shift; [ -f "$out" ] || .venv/bin/dragonrec evaluate --data "$D" --quiet --output "$out" "$@"; }
 
 ev "$R/defaults/popularity_s0.json" --recommender popularity
+.venv/bin/python -c "import json, sys; r = json.load(open(sys.argv[1])); json.dump({'data': sys.argv[2], 'recommender': 'popularity', 'report': sys.argv[1], 'test': r['test'], 'valid': r.get('valid'), 'fit_seconds': r['fit_seconds']}, open(sys.argv[3], 'w'), indent=2, default=float)" \
+  "$R/defaults/popularity_s0.json" "$name" "benchmarks/results/tune13_${name}_popularity.json"  # runs/ is not kept
 ev "$R/defaults/cooccurrence_s0.json" --recommender cooccurrence
 [ -f "$R/cooccurrence/report.json" ] || .venv/bin/dragonrec tune --data "$D" --out "$R/cooccurrence" \
   --recommender cooccurrence --trials 40 --minutes 3 --quiet > "$R/cooccurrence.log" 2>&1

@@ -32,7 +32,7 @@ def table(dataset: str) -> str:
     lines = [f"### {dataset}", "",
              "| model | configuration | test NDCG@10 | test HR@10 | fit seconds per seed | search |",
              "|---|---|---|---|---|---|"]
-    pop = ROOT / "runs" / "tune13" / dataset / "defaults" / "popularity_s0.json"
+    pop = RESULTS / f"tune13_{dataset}_popularity.json"
     if pop.exists():
         t = json.loads(pop.read_text())["test"]
         lines.append(f"| popularity | (deterministic) | {t['ndcg@10']:.4f} | {t['hr@10']:.4f} | | |")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from dragonrec.cli import app
 
 
-def test_serve_with_two_workers_answers_from_both(tmp_path):
+def test_serve_with_two_workers_starts_both_and_answers(tmp_path):
     data = beauty_slice(tmp_path / "data", n_items=200, max_users=200)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DRAGONREC_API_KEY": API_KEY}

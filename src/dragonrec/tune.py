@@ -267,14 +267,14 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
 
 def ndcg_per_case(model, cases, batch_size: int = 512) -> np.ndarray:
     """[len(cases)] NDCG@10 of each case (history excluded), as the evaluation computes it."""
-    from dragonrec.evaluate.metrics import target_ranks
+    from dragonrec.evaluate.metrics import ndcg_gains, target_ranks
 
     out = []
     for s in range(0, len(cases), batch_size):
         hist = cases.histories[s:s + batch_size]
         scores = np.asarray(model.score(hist, cases.actions[s:s + batch_size]), dtype=np.float32)
         ranks = target_ranks(scores, cases.targets[s:s + batch_size], exclude=hist)
-        out.append(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0))  # 0-based ranks, as ndcg_at_k
+        out.append(ndcg_gains(ranks, 10))
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -37,13 +37,18 @@ def hit_rate_at_k(ranks: np.ndarray, k: int) -> float:
     return float((ranks < k).mean()) if len(ranks) else 0.0
 
 
+def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k of each case with one relevant item (0-based ranks): 1/log2(rank+2) inside the top k, else 0."""
+    ranks = np.asarray(ranks)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
-    """Mean NDCG@k with one relevant item per case: 1/log2(rank+2) inside the top k, else 0."""
+    """Mean NDCG@k with one relevant item per case (`ndcg_gains`)."""
     ranks = np.asarray(ranks)
     if not len(ranks):
         return 0.0
-    gains = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
-    return float(gains.mean())
+    return float(ndcg_gains(ranks, k).mean())
 
 
 def mrr(ranks: np.ndarray) -> float:
