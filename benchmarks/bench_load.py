@@ -510,7 +510,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core)")
     p.add_argument("--no-batching", action="store_true", help="serve with batch_inference off")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--batch-wait-ms", type=float, default=0.0)
     p.add_argument("--profile", type=int, default=0, help="profile this many requests in-process instead")
     p.add_argument("--profile-threads", type=int, default=0,
                    help="with --profile: then as many requests again from this many threads")

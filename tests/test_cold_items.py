@@ -75,6 +75,25 @@ def test_calibrated_scores_are_log_probabilities_with_the_offset_on_cold_items()
     torch.testing.assert_close(s[0, tok.n_items:], text_lp[0, [0, 9]] - 1.5)
 
 
+def test_scoring_reads_the_head_logits_the_training_path_computes():
+    """Without autograd the head's logits come from one [n, text_dim] read (<h W + s q, t>) through numpy's BLAS;
+    with it, from [cold_proj(t), t] as trained: the same numbers up to float32 rounding."""
+    torch.manual_seed(0)
+    tok = ItemTokenizer.from_train(np.arange(8), n_catalog=10, with_all_items=True)
+    model = SeqRecLM(tiny_cfg(), tok.n_items, tok.n_trained, text_emb=circle_text(tok.n_items)).eval()
+    with torch.no_grad():
+        model.cold_proj.weight.normal_()  # weights far from their small initial ones, as after training
+        model.cold_scale.fill_(2.0)
+    ids = pad_batch([tok.encode(np.array([1, 2, 3])), tok.encode(np.array([4, 5]))])
+    with torch.no_grad():
+        last, query = model.last_hidden(ids, with_query=True)
+        fast = model.log_probs(last, query)
+    with torch.enable_grad():
+        slow = model.log_probs(last, query)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def chain(chain_dataset):
     return chain_dataset, leave_one_out(chain_dataset.events)

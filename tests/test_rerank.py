@@ -219,6 +219,20 @@ def test_cold_items_take_the_last_slots_closest_in_text_to_the_history_first():
     assert rerank(r, order, history=[0], banned=[6]) == [1, 2, 3, 7, 4, 5, 0]  # a banned one never comes back
 
 
+def test_cold_item_slots_by_score_take_the_cold_items_the_scorer_placed_highest():
+    cat = catalog_of(["A"] * 8)
+    vec = np.concatenate([two_clusters(), unit([[1, 0, 0.2, 0], [0, 1, 0, 0.2]])])
+    pop = np.array([5, 4, 3, 5, 4, 3, 0, 0])
+    cfg = RerankConfig(cold_item_slots=1, cold_item_position=4, cold_item_rank="score")
+    r = DiversityReranker(cfg).fit(cat, vec, popularity=pop)
+    # the list (the scorer's order) has item 7 above item 6: 7 takes the slot although 6 reads closer to history 0
+    assert rerank(r, [1, 2, 3, 4, 5, 7, 6, 0], history=[0]) == [1, 2, 3, 7, 4, 5, 6, 0]
+    assert rerank(r, [1, 2, 3, 4, 5, 6, 7, 0], history=[0]) == [1, 2, 3, 6, 4, 5, 7, 0]
+    # the similarity threshold still holds: item 7 is far from history 0's text
+    strict = DiversityReranker(cfg.model_copy(update={"cold_item_min_similarity": 0.5})).fit(cat, vec, popularity=pop)
+    assert rerank(strict, [1, 2, 3, 4, 5, 7, 6, 0], history=[0]) == [1, 2, 3, 4, 5, 7, 6, 0]
+
+
 def chain_config(rerank: RerankConfig | None) -> PipelineConfig:
     return PipelineConfig.union({"dense": 4, "cooccurrence": 3, "popularity": 2}, model="cooccurrence",
                                 scorer="model:cooccurrence", rest="cooccurrence", dense=NO_CACHE, rerank=rerank)

@@ -16,7 +16,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest_pg import postgres_admin_url, postgres_url  # noqa: F401 (fixtures)
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect, text
 
 from dragonrec.data import Catalog, DataError, leave_one_out, load_events, load_feedback_log
 from dragonrec.schema import EVENT_COLUMNS, Event, Impression
@@ -457,3 +457,26 @@ def test_concurrent_writer_processes_on_sqlite(tmp_path: Path):
     with Store.open(url) as s:
         df, _ = s.new_events(0)
         assert sorted(df["event_id"]) == sorted(f"e{i}" for i in range(900))
+
+
+def test_a_dropped_postgresql_connection_fails_one_request_and_the_pool_reconnects(request):
+    """Without a ping per checkout (`pool_pre_ping` off, the default): when the server drops the pooled
+    connections (a restart, killed backends), the one call that meets a dead connection raises
+    OperationalError (the service's 503) and stores nothing; the pool is refilled and the next calls work."""
+    from sqlalchemy.exc import OperationalError
+
+    url, admin_url = request.getfixturevalue("postgres_url"), request.getfixturevalue("postgres_admin_url")
+    with Store.open(url) as s:
+        s.add_events(events_batch(5))
+        assert len(s.recent_events("u0", 10)) == 2
+        with s.engine.connect() as conn:  # the pooled connection the next call would take
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+        admin.dispose()
+        with pytest.raises(OperationalError):
+            s.add_events(events_batch(5, offset=5))
+        s.add_events(events_batch(5, offset=5))  # a fresh connection: the retried batch is stored once
+        assert s.counts().events == 10
+        assert [e[0] for e in s.recent_events("u0", 10)] == ["i0", "i4", "i1"]

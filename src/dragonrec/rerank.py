@@ -80,6 +80,10 @@ class RerankConfig(BaseModel):
     """The last position (1-based) the cold-item slots end on (a request asking for fewer items: its last)."""
     cold_item_min_similarity: float = Field(0.0, ge=-1.0, le=1.0)
     """A cold item takes a slot only if its text's cosine with the history's mean text vector is at least this."""
+    cold_item_rank: Literal["text", "score"] = "text"
+    """Which cold candidates take the slots: "text", the closest in text to the history; "score", the best
+    placed by the scorer (for the generative model: its text-trained cold head, which learned from behaviour
+    which texts follow which; for a scorer that gives cold items no score, the retrieval order)."""
 
 
 @dataclass
@@ -217,7 +221,8 @@ class DiversityReranker(Reranker):
     def cold_item_order(self, items: np.ndarray, request: RerankRequest) -> np.ndarray:
         """Positions into `items` [m] (a finished list, best first) with up to `cold_item_slots` cold items moved
         up to end on `cold_item_position`: the cold items below that point whose text is closest to the
-        history's, in that order; the other items keep their order. Unchanged without a history or vectors."""
+        history's (`cold_item_rank="text"`) or the first of them in the list (`"score"`), in that order; the
+        other items keep their order. Unchanged without a history or vectors."""
         cfg, m = self.cfg, len(items)
         identity = np.arange(m)
         if self.popularity is None or self.vectors is None or not len(request.history):
@@ -237,7 +242,7 @@ class DiversityReranker(Reranker):
         query = self.vectors[h].mean(axis=0)
         query /= max(float(np.linalg.norm(query)), 1e-12)
         sim = self.vectors[items[pool]] @ query
-        best = np.argsort(-sim, kind="stable")[:need]
+        best = np.argsort(-sim, kind="stable")[:need] if cfg.cold_item_rank == "text" else np.arange(len(pool))[:need]
         chosen = pool[best[sim[best] >= cfg.cold_item_min_similarity]]
         if not len(chosen):
             return identity

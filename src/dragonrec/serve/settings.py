@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     """Concurrent requests share one pass of the pipeline and of the model (dragonrec.serve.batching)."""
     batch_max_size: int = Field(16, ge=1)
     """Most requests in one shared pass."""
-    batch_max_wait_ms: float = Field(2.0, ge=0.0, le=100.0)
-    """Longest a request waits for others to join its pass (0: only those queued while the last one ran)."""
+    batch_max_wait_ms: float = Field(0.0, ge=0.0, le=100.0)
+    """Longest a request waits for others to join its pass. 0: no wait, a pass takes the requests that
+    queued while the last one ran (batches still grow under load, and a lone request never waits)."""
     diversity_mode: Literal["mmr", "dpp"] = "mmr"
     """How `diversity` spreads a list: maximal marginal relevance or a greedy DPP over item text vectors."""
     diversity_novelty: float = Field(0.0, ge=0.0)

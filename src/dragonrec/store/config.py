@@ -25,3 +25,8 @@ class StoreConfig(BaseModel):
     """Log every SQL statement (debugging)."""
     pool_size: int = Field(5, ge=1)
     """PostgreSQL: connections kept open per process."""
+    pool_pre_ping: bool = False
+    """PostgreSQL: test each pooled connection with a round trip before every use. Off: a request pays no
+    extra round trip, and a connection the server dropped (a restart, a killed backend) fails the one
+    request that meets it (`OperationalError`, the service answers 503 with Retry-After) while the pool is
+    refilled with fresh connections for the next."""

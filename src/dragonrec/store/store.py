@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,29 @@ from dragonrec.store.models import events as events_t
 from dragonrec.store.models import impression_items as slots_t
 from dragonrec.store.models import impressions as impressions_t
 from dragonrec.store.validate import StoreError, event_rows, impression_rows
+
+_TAKE_SEQ = (update(counters_t).where(counters_t.c.name == INGEST_COUNTER)
+             .values(value=counters_t.c.value + bindparam("n")).returning(counters_t.c.value))
+
+_RECENT_EVENTS = (select(events_t.c.item_id, events_t.c.action, events_t.c.timestamp, events_t.c.event_order,
+                         events_t.c.ingest_seq).where(events_t.c.user_id == bindparam("user_id"))
+                  .order_by(events_t.c.timestamp.desc(), events_t.c.ingest_seq.desc()).limit(bindparam("limit")))
+
+
+@functools.cache
+def _insert_stmt(backend: str, table: Table, cols: tuple[str, ...], key: str | None):
+    """The insert `Store._insert_new` sends: on PostgreSQL one row per element of the array parameters
+    `a_<column>`; on SQLite a plain insert run with a list of rows. ON CONFLICT (key) DO NOTHING RETURNING key
+    when `key` is given."""
+    if backend == "postgresql":
+        arrays = [cast(bindparam(f"a_{c}", type_=ARRAY(table.c[c].type)), ARRAY(table.c[c].type)) for c in cols]
+        source = func.unnest(*arrays).table_valued(*cols).render_derived()
+        stmt = postgresql.insert(table).from_select(list(cols), select(*source.c))
+    else:
+        stmt = sqlite.insert(table)
+    if key is None:
+        return stmt
+    return stmt.on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
 
 # Columns of the event tables the reads return: the canonical ones, then the store's own.
 EVENT_READ_COLUMNS = (*EVENT_COLUMNS, "event_id", "ingested_at", "ingest_seq")
@@ -185,31 +209,26 @@ class Store:
         PostgreSQL gets one statement whose columns are arrays (`INSERT ... SELECT FROM unnest(...)`): a
         multi-row VALUES list of 1,000 events is a 100 kB statement that psycopg re-parses on every call
         (over half the time of a batched write). SQLite takes SQLAlchemy's multi-row VALUES batches.
+        The statement is built once per table, columns and key (`_insert_stmt`): building it costs more CPU
+        than sending it.
         """
-        cols = [c for c in table.columns if c.name in rows[0]]
+        cols = tuple(c.name for c in table.columns if c.name in rows[0])
+        stmt = _insert_stmt(self.backend, table, cols, key)
         if self.backend == "postgresql":
-            arrays = [cast(bindparam(f"a_{c.name}", [r[c.name] for r in rows], type_=ARRAY(c.type)),
-                           ARRAY(c.type)) for c in cols]
-            source = func.unnest(*arrays).table_valued(*(c.name for c in cols)).render_derived()
-            stmt = postgresql.insert(table).from_select([c.name for c in cols], select(*source.c))
+            params = {f"a_{c}": [r[c] for r in rows] for c in cols}
             if key is None:
-                conn.execute(stmt)
+                conn.execute(stmt, params)
                 return []
-            stmt = stmt.on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
-            return conn.execute(stmt).scalars().all()
-        stmt = sqlite.insert(table)
+            return conn.execute(stmt, params).scalars().all()
         if key is None:
             conn.execute(stmt, rows)
             return []
-        stmt = stmt.on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
         return conn.execute(stmt, rows).scalars().all()
 
     def _take_seq(self, conn: Connection, n: int) -> Iterator[int]:
         """Reserve n ingestion sequence numbers. The counter row stays locked until this transaction ends,
         so writers commit in sequence order and `new_events(after=cursor)` never skips a late commit."""
-        stmt = (update(counters_t).where(counters_t.c.name == INGEST_COUNTER)
-                .values(value=counters_t.c.value + n).returning(counters_t.c.value))
-        end = conn.execute(stmt).scalar_one()
+        end = conn.execute(_TAKE_SEQ, {"n": n}).scalar_one()
         return iter(range(end - n + 1, end + 1))
 
     def _check_requests(self, conn: Connection, ev_rows: list[dict], also_known: set[str]) -> None:
@@ -241,11 +260,8 @@ class Store:
         """The latest `limit` events of a user as (item_id, action, timestamp), in the order of
         `events_of_user` (time, explicit order with missing last, then arrival): the request path's lean read,
         plain tuples and no DataFrame."""
-        c = events_t.c
-        q = (select(c.item_id, c.action, c.timestamp, c.event_order, c.ingest_seq).where(c.user_id == user_id)
-             .order_by(c.timestamp.desc(), c.ingest_seq.desc()).limit(limit))
         with self.engine.connect() as conn:
-            rows = conn.execute(q).all()
+            rows = conn.execute(_RECENT_EVENTS, {"user_id": user_id, "limit": limit}).all()
         rows.sort(key=lambda r: (r[2], r[3] is None, r[3] or 0, r[4]))
         return [(r[0], r[1], float(r[2])) for r in rows]
 
