@@ -166,3 +166,23 @@ def test_id_dropout_only_acts_in_training_text_mode():
     assert len({float(model(ids, labels).detach()) for _ in range(6)}) > 1  # a different item subset each step
     model.eval()
     assert len({float(model(ids, labels).detach()) for _ in range(3)}) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_inference_forward_computes_what_the_hf_backbone_does(arch):
+    """Scoring runs the backbone's layers without HF's generic wrapper (`_decoder_inference`): the same numbers."""
+    torch.manual_seed(0)
+    tok = ItemTokenizer.from_train(np.arange(9), n_catalog=9)
+    model = SeqRecLM(tiny_cfg(arch=arch, num_layers=2, num_heads=2, narrative=True), tok.n_items).eval()
+    acts = np.array(["view", "add_to_cart", "purchase", "view"], dtype=object)
+    ids = pad_batch([tok.encode(np.array([1, 2, 3, 4]), acts), tok.encode(np.array([5]), acts[:1]),
+                     tok.encode(np.array([6, 7]), acts[:2])])
+    with torch.no_grad():
+        fast = model.hidden_states(ids)
+        emb = model.embeddings(ids)
+        slow = model.lm.model(inputs_embeds=emb).last_hidden_state
+        one = model.hidden_states(ids[1:2, :1])  # a single token: no causal mask needed
+    assert model._plain_causal_layers()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+    torch.testing.assert_close(one, model.lm.model(inputs_embeds=model.embeddings(ids[1:2, :1])).last_hidden_state,
+                               rtol=0, atol=1e-6)

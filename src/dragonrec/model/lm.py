@@ -366,7 +366,41 @@ class SeqRecLM(nn.Module):
             if own_mask is not None:  # dropped items enter by their text alone
                 emb = emb * torch.where(is_item, own_mask[k.clamp(min=0)].unsqueeze(-1), 1.0)
             emb = emb + self.text_proj(self.text_emb[k.clamp(min=0)]) * is_item
+        if not self.training and not torch.is_grad_enabled() and self._plain_causal_layers():
+            return self._decoder_inference(emb)
         return self.lm.model(inputs_embeds=self.emb_drop(emb)).last_hidden_state
+
+    def _plain_causal_layers(self) -> bool:
+        """Whether `_decoder_inference` computes what the HF backbone does: every layer full causal attention
+        (no sliding window) with as many key/value heads as query heads."""
+        c = self.lm.config
+        return (c.num_key_value_heads == c.num_attention_heads
+                and all(t == "full_attention" for t in getattr(c, "layer_types", None) or ["full_attention"]))
+
+    def _decoder_inference(self, emb: torch.Tensor) -> torch.Tensor:
+        """The backbone's forward for scoring, without its generic machinery (mask building, cache, output
+        capture, argument checks, about half of a request's forward time at this size): the same modules and
+        operations in the same order as `LlamaModel`/`Qwen2Model` with no mask and no cache, so the same numbers
+        (`tests/test_model.py` compares them)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        backbone = self.lm.model
+        B, L, _ = emb.shape
+        positions = torch.arange(L, device=emb.device).unsqueeze(0)
+        cos, sin = backbone.rotary_emb(emb, position_ids=positions)
+        x = emb
+        for layer in backbone.layers:
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            shape = (B, L, -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=attn.scaling, is_causal=L > 1)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, L, -1).contiguous())
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return backbone.norm(x)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean full-softmax cross-entropy over trained product tokens, only at positions with a target.
