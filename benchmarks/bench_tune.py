@@ -63,13 +63,19 @@ def evaluate_tuned(args) -> None:
 
 
 def summary(args) -> None:
-    tuned_cfg = json.loads(Path(args.tuned_config).read_text())
+    """Without --tuned-config: the default configuration's seeds only (no search was run)."""
     files = {name: sorted({f for pattern in patterns for f in glob.glob(pattern)})
-             for name, patterns in (("default", args.defaults), ("tuned", args.tuned))}
-    out = {"data": tuned_cfg["dataset"], "recommender": tuned_cfg["recommender"], "split": tuned_cfg["split"],
-           "ties": tuned_cfg["ties"],
-           "search": {k: tuned_cfg.get(k) for k in ("seconds", "stopped", "best_trial", "best_value", "best_params",
-                                                    "guard", "fixed", "space", "tune", "trials")}}
+             for name, patterns in (("default", args.defaults), ("tuned", args.tuned or []))}
+    if args.tuned_config:
+        tuned_cfg = json.loads(Path(args.tuned_config).read_text())
+        out = {"data": tuned_cfg["dataset"], "recommender": tuned_cfg["recommender"], "split": tuned_cfg["split"],
+               "ties": tuned_cfg["ties"],
+               "search": {k: tuned_cfg.get(k) for k in ("seconds", "stopped", "best_trial", "best_value",
+                                                        "best_params", "guard", "fixed", "space", "tune", "trials")}}
+    else:
+        first = json.loads(Path(files["default"][0]).read_text())
+        out = {"data": first["dataset"], "recommender": first["recommender"], "split": first["split"]["name"],
+               "ties": first["split"]["ties"], "search": None}
     for name, paths in files.items():
         runs = [{**compact(json.loads(Path(p).read_text())), "report": p} for p in paths]
         out[name] = {"runs": runs, **(spread(runs) if runs else {})}
@@ -81,8 +87,9 @@ def summary(args) -> None:
             print(f"{out['recommender']} {name}: test ndcg@10 {m['test_ndcg@10']['mean']:.4f} ± "
                   f"{m['test_ndcg@10']['std']:.4f} hr@10 {m['test_hr@10']['mean']:.4f} ± "
                   f"{m['test_hr@10']['std']:.4f} over {m['test_ndcg@10']['n']} seeds")
-    print(f"search: {len(tuned_cfg['trials'])} trials in {tuned_cfg['seconds'] / 60:.1f} min, "
-          f"best valid ndcg@10 {tuned_cfg['best_value']:.4f}")
+    if args.tuned_config:
+        print(f"search: {len(tuned_cfg['trials'])} trials in {tuned_cfg['seconds'] / 60:.1f} min, "
+              f"best valid ndcg@10 {tuned_cfg['best_value']:.4f}")
 
 
 def main() -> None:
@@ -93,8 +100,8 @@ def main() -> None:
     ev.add_argument("--seed", type=int, required=True)
     ev.add_argument("--output", type=Path, required=True)
     su = sub.add_parser("summary", help="mean and spread of default and tuned reports")
-    su.add_argument("--tuned-config", required=True)
-    su.add_argument("--tuned", nargs="+", required=True, help="globs of reports of the tuned configuration")
+    su.add_argument("--tuned-config", default=None, help="the search's tuned_config.json (none: defaults only)")
+    su.add_argument("--tuned", nargs="+", default=None, help="globs of reports of the tuned configuration")
     su.add_argument("--defaults", nargs="+", required=True, help="globs of reports of the default configuration")
     su.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

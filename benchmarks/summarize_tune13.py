@@ -43,6 +43,10 @@ def table(dataset: str) -> str:
             continue
         d = json.loads(f.read_text())
         s = d["search"]
+        if s is None:  # the defaults only (run_issue13.sh with TUNE=0)
+            lines.append(f"| {model} | default | {cell(d['default'], 'test_ndcg@10')} | "
+                         f"{cell(d['default'], 'test_hr@10')} | {fit_s(d['default'])} | not searched |")
+            continue
         done = sum(t["state"].lower() == "complete" for t in s["trials"])
         pruned = sum(t["state"].lower() == "pruned" for t in s["trials"])
         search = (f"{len(s['trials'])} trials ({done} complete, {pruned} pruned) in {s['seconds'] / 60:.1f} min, "

@@ -243,3 +243,20 @@ def test_cold_item_slots_bring_a_product_nobody_touched_into_lists(tmp_path):
     for u in users:
         if u not in moved:
             assert on[u] == off[u]
+
+
+def test_the_cold_item_rank_setting_reaches_the_served_reranker(tmp_path, monkeypatch):
+    from serve_helpers import beauty_slice
+
+    from dragonrec.serve import Service, Settings
+
+    data = beauty_slice(tmp_path / "data", n_items=200, max_users=100)
+    monkeypatch.setenv("DRAGONREC_COLD_ITEM_RANK", "score")
+    monkeypatch.setenv("DRAGONREC_COLD_ITEM_SLOTS", "2")
+    settings = Settings(data_dir=data, state_dir=tmp_path / "state", embedding_cache_dir=str(tmp_path / "emb"))
+    with Service(settings) as service:
+        cfg = service.serving.pipeline.reranker.cfg
+        assert (cfg.cold_item_rank, cfg.cold_item_slots) == ("score", 2)
+    monkeypatch.setenv("DRAGONREC_COLD_ITEM_RANK", "popularity")
+    with pytest.raises(ValueError, match="cold_item_rank"):
+        Settings(data_dir=data, state_dir=tmp_path / "state")

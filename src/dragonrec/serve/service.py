@@ -519,7 +519,8 @@ class Service:
         """The re-rank stage from settings: the default diversity knob and the shop's rules."""
         s = self.settings
         return RerankConfig(diversity=s.diversity, mode=s.diversity_mode, novelty=s.diversity_novelty,
-                            category_cap=s.category_cap, calibration=s.calibration, cold_item_slots=s.cold_item_slots)
+                            category_cap=s.category_cap, calibration=s.calibration, cold_item_slots=s.cold_item_slots,
+                            cold_item_rank=s.cold_item_rank)
 
     def _build(self, state: CatalogState, version: str, model: Recommender | None, info: dict) -> Serving:
         # Concurrent requests share every stage (batch_pipeline, which waits for company) and the model's

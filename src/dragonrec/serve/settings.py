@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     cold_item_slots: int = Field(0, ge=0)
     """Places at the end of a list's first 10 for products nobody has interacted with yet (the candidates closest in
     text to the user's history): what no behaviour-trained scorer ranks (docs/benchmarks.md, cold items)."""
+    cold_item_rank: Literal["text", "score"] = "text"
+    """Which of those candidates take the places: the closest in text to the history, or ("score") the first in
+    the model's order (the generative model's cold head ranks products it never saw from their text)."""
     history_limit: int = Field(200, ge=1)
     """Latest stored events of a user read per request (their dataset events come on top)."""
     reload_interval_s: float = Field(2.0, gt=0.0)
