@@ -194,3 +194,29 @@ def test_a_slow_scorer_is_not_waited_for_the_model_orders_the_list(chain_dataset
     assert recs.items == fast.recommend_for(history, n=5).items  # the model's own order
     assert recs.items[0] == "i06"  # the chain's next item
     assert slow.stats()["degraded"] == 1
+
+
+def test_concurrent_event_posts_share_commits_and_each_gets_its_own_answer(tiny_model, tmp_path: Path):
+    """Group commit of events through the service: 24 requests at once, the second dozen repeating the first's
+    event ids. Every event is stored once, each request is answered for its own events (accepted or duplicate,
+    whichever of a pair committed first), and some requests really shared a transaction."""
+    from dragonrec.serve import Service, Settings
+    from dragonrec.serve.schemas import EventIn
+
+    data, _, _ = tiny_model
+    s = Settings(data_dir=data, state_dir=tmp_path / "state", embedding_cache_dir=None)
+    with Service(s, embedder=HashEmbedder()) as service:
+        items = [str(i) for i in service.serving.catalog.item_ids[:4]]
+
+        def post(i: int):
+            k = i % 12
+            return service.ingest([EventIn(event_id=f"e{k}", user_id=f"shopper{k}", item_id=items[k % 4],
+                                           action="click")])
+
+        got = run_threads(24, post)
+        assert not [g for g in got if isinstance(g, Exception)]
+        for k in range(12):  # of the two requests with event e<k>, exactly one stored it
+            assert sorted((got[k].accepted, got[k + 12].accepted)) == [0, 1]
+            assert got[k].duplicates + got[k + 12].duplicates == 1
+        assert service.store.counts().events == 12
+        assert service._events.stats.largest > 1

@@ -480,3 +480,18 @@ def test_a_dropped_postgresql_connection_fails_one_request_and_the_pool_reconnec
         s.add_events(events_batch(5, offset=5))  # a fresh connection: the retried batch is stored once
         assert s.counts().events == 10
         assert [e[0] for e in s.recent_events("u0", 10)] == ["i0", "i4", "i1"]
+
+
+def test_event_groups_share_one_transaction_and_count_as_each_group_alone(store: Store):
+    """Group commit (`add_event_groups`): per group (accepted, duplicates) as `add_events` would answer the groups
+    one after another; a bad event anywhere stores nothing of any group."""
+    e = events_batch(4)
+    store.add_events([e[0]])
+    assert store.add_event_groups([[e[0], e[1]], [e[1], e[2]], [e[0]], [e[3], e[3]]]) == [(1, 1), (1, 1), (0, 1),
+                                                                                          (1, 1)]
+    assert store.counts().events == 4
+    bad = {**events_batch(1, offset=10)[0], "action": "teleport"}
+    with pytest.raises(StoreError, match="action"):
+        store.add_event_groups([events_batch(2, offset=20), [bad]])
+    assert store.counts().events == 4
+    assert store.add_event_groups([]) == [] and store.add_event_groups([[]]) == [(0, 0)]

@@ -155,6 +155,7 @@ class Service:
         self.started_at: float | None = None
         self._serving: Serving | None = None
         self._impressions: MicroBatcher | None = None  # group commit of impressions (set by start)
+        self._events: MicroBatcher | None = None  # group commit of event batches (set by start)
         self._admin = threading.RLock()  # serialises changes (catalog, swaps); requests never take it
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -190,6 +191,11 @@ class Service:
         # Group commit: impressions of concurrent requests share one transaction (each request still answers
         # only once its own impression is committed); alone, a request writes at once.
         self._impressions = MicroBatcher(self._write_impressions, max_batch=64, max_wait_s=0.0) \
+            if s.batch_inference else None
+        # ... and so do the event batches of concurrent requests: each write holds the ingestion counter's row
+        # until its commit, so one transaction per request caps single-event posts at one commit at a time.
+        # A group that fails is re-run request by request (MicroBatcher), so a bad event refuses only its own.
+        self._events = MicroBatcher(self.store.add_event_groups, max_batch=32, max_wait_s=0.0) \
             if s.batch_inference else None
         self.registry = Registry(s.resolved_registry_dir)
         if s.explore_slots > 0:
@@ -444,7 +450,10 @@ class Service:
                          "timestamp": now if e.timestamp is None else e.timestamp, "request_id": e.request_id,
                          "value": e.value, "session_id": e.session_id})
         try:
-            accepted, duplicates = self.store.add_events(rows)
+            if self._events is None:
+                accepted, duplicates = self.store.add_events(rows)
+            else:  # acknowledged once the shared transaction is committed, as alone
+                accepted, duplicates = self._events.submit([rows])[0]
         except StoreError as e:
             raise Invalid(str(e)) from None
         return IngestResult(accepted=accepted, duplicates=duplicates)

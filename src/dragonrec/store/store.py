@@ -164,6 +164,33 @@ class Store:
         result = self.write(events=events)
         return result.events_accepted, result.events_duplicate
 
+    def add_event_groups(self, groups: list[list[Event | Mapping[str, Any]]]) -> list[tuple[int, int]]:
+        """Several callers' event batches in one transaction (group commit: one counter lock and one commit
+        for all of them): (accepted, duplicates) per group, as `add_events` would answer each alone in this
+        order (an event_id repeated in a later group counts as that group's duplicate). All or nothing: a bad
+        event raises StoreError (its index counts across the groups) and nothing of any group is stored."""
+        checked = event_rows([e for g in groups for e in g], self.known_items)
+        unique, _ = _first_of_each(checked, lambda r: r["event_id"])
+        inserted: set = set()
+        if unique:
+            with self.engine.begin() as conn:
+                seq = self._take_seq(conn, len(unique))
+                if self.config.require_known_request:
+                    self._check_requests(conn, unique, set())
+                now = time.time()
+                rows = [{**r, "ingested_at": now, "ingest_seq": next(seq)} for r in unique]
+                inserted = set(self._insert_new(conn, events_t, rows, "event_id"))
+        out, k = [], 0
+        for g in groups:
+            accepted = 0
+            for r in checked[k:k + len(g)]:
+                if r["event_id"] in inserted:
+                    inserted.discard(r["event_id"])  # the first occurrence is the stored one
+                    accepted += 1
+            out.append((accepted, len(g) - accepted))
+            k += len(g)
+        return out
+
     def add_impression(self, impression: Impression | Mapping[str, Any]) -> bool:
         """Store one impression with its shown items; False if its request_id was already stored (the
         stored one is kept: the first write of a request id wins)."""
