@@ -8,7 +8,7 @@ import torch
 
 from dragonrec.data import leave_one_out
 from dragonrec.data.splits import EvalCases
-from dragonrec.data.stats import suggest_max_len
+from dragonrec.data.stats import interaction_density, suggest_max_len
 from dragonrec.model import ItemTokenizer, SeqRecConfig, SeqRecLM
 from dragonrec.model.lm import pad_batch
 from dragonrec.model.trainer import SFTConfig, encode_sequences, train_sft
@@ -190,6 +190,26 @@ def test_max_len_from_the_training_history_lengths(chain_split):
     model = SequentialRecommender(rec_cfg(max_len_auto=True, max_epochs=1)).fit(split.train, ds.catalog)
     assert model.cfg.max_len == model.model.cfg.max_len == suggest_max_len(lengths)
     assert SequentialRecommender(rec_cfg(max_epochs=1)).fit(split.train, ds.catalog).cfg.max_len == rec_cfg().max_len
+
+
+def test_dropout_from_the_density_of_the_training_interactions(chain_split):
+    """`dropout_auto`: the chain data is dense (15 items, every user meets several), so the dense dropout replaces
+    the configured one; a dataset below the density threshold keeps it; an explicit dropout switches the rule off."""
+    from dragonrec.recommenders import build
+
+    ds, split = chain_split
+    density = interaction_density(split.train)
+    assert density > 0.2
+    model = SequentialRecommender(rec_cfg(dropout_auto=True, emb_dropout=0.5, hidden_dropout=0.4, max_epochs=1))
+    model.fit(split.train, ds.catalog)
+    assert (model.cfg.emb_dropout, model.cfg.hidden_dropout) == (0.2, 0.2)
+    assert model.model.cfg.emb_dropout == 0.2 and model.model.emb_drop.p == 0.2
+    sparse = rec_cfg(dropout_auto=True, emb_dropout=0.5, hidden_dropout=0.4, dense_density=density + 1e-6)
+    assert sparse.adapted_to(split.train) == (sparse, [])
+    # the generative default adapts; a dropout set by hand (or by a search's trial) is kept as given
+    assert build("generative").cfg.dropout_auto and not build("sasrec").cfg.dropout_auto
+    assert not build("generative", {"hidden_dropout": 0.5}).cfg.dropout_auto
+    assert build("generative", {"hidden_dropout": 0.5, "dropout_auto": True}).cfg.dropout_auto
 
 
 def test_several_action_types_switch_on_narrative_mode(chain_split):

@@ -6,12 +6,13 @@ import json
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from dragonrec.data import leave_one_out
 from dragonrec.data.splits import EvalCases, Split
-from dragonrec.data.stats import suggest_max_len
+from dragonrec.data.stats import interaction_density, suggest_dropout, suggest_max_len
 from dragonrec.tune import TuneConfig, gain_guard, load_tuned, search, search_space
 
 # Tiny models that still learn the chain in a few epochs; every trial takes well under a second.
@@ -38,6 +39,17 @@ def test_suggest_max_len_covers_a_percentile_of_histories():
     assert suggest_max_len([]) == 16
     with pytest.raises(ValueError):
         suggest_max_len(lengths, percentile=0)
+
+
+def test_suggest_dropout_follows_the_density_of_interactions():
+    events = pd.DataFrame({"user_id": ["a", "a", "a", "b", "b"], "item_idx": [0, 1, 1, 1, 2]})
+    assert interaction_density(events) == pytest.approx(4 / 6)  # 4 distinct pairs of 2 users x 3 items
+    assert interaction_density(events.iloc[:0]) == 0.0
+    assert suggest_dropout(0.063, sparse=0.5) == 0.2  # ml-100k: dense
+    assert suggest_dropout(0.0007, sparse=0.5) == 0.5  # Amazon Beauty: sparse keeps the configured value
+    assert suggest_dropout(0.01, sparse=0.5, dense=0.1) == 0.1  # at the threshold: dense
+    with pytest.raises(ValueError):
+        suggest_dropout(1.5, sparse=0.5)
 
 
 def test_train_sft_callback_sees_every_validation_and_can_stop(chain_dataset, chain_split):

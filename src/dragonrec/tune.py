@@ -114,11 +114,16 @@ def search_space(recommender: str, train=None) -> dict:
     return space
 
 
-def default_params(recommender: str, space: dict) -> dict:
-    """The recommender's default value of each searched setting that its distribution holds."""
+def default_params(recommender: str, space: dict, train=None) -> dict:
+    """The recommender's default value of each searched setting that its distribution holds; with `train`, the
+    data-driven defaults resolved on it (a dense dataset's dropout), as the default model would train."""
     from dragonrec.recommenders import build
 
     cfg = build(recommender).cfg
+    if train is not None and hasattr(cfg, "adapted_to"):
+        if cfg.narrative_auto and not cfg.narrative and train["action"].nunique() > 1:
+            cfg = cfg.model_copy(update={"narrative": True})
+        cfg = cfg.adapted_to(train)[0]
     out = {}
     for name, dist in space.items():
         value = getattr(cfg, name, None)
@@ -174,7 +179,7 @@ def search(split: Split, catalog: Catalog, recommender: str, tune: TuneConfig | 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial replaces Optuna's
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
     if tune.enqueue_default:
-        study.enqueue_trial(default_params(recommender, space))
+        study.enqueue_trial(default_params(recommender, space, split.train))
     trial_quiet = quiet or not is_terminal(console)  # a live bar per trial on a terminal; silence in logs
     t0 = time.perf_counter()
     deadline = t0 + 60 * tune.minutes

@@ -49,3 +49,21 @@ def suggest_max_len(history_lengths, percentile: float = 95.0, tokens_per_event:
     tokens = math.ceil(np.percentile(lengths, percentile)) * tokens_per_event + 1
     tokens = multiple * math.ceil(tokens / multiple)
     return int(min(max(tokens, lo), hi))
+
+
+def interaction_density(events: pd.DataFrame) -> float:
+    """Distinct (user, item) pairs over users x items, both counted among `events`: 6.3 % on ml-100k, 0.07 % on
+    Amazon Beauty. 0 for no events."""
+    if not len(events):
+        return 0.0
+    pairs = len(events[["user_id", "item_idx"]].drop_duplicates())
+    return pairs / (events["user_id"].nunique() * events["item_idx"].nunique())
+
+
+def suggest_dropout(density: float, sparse: float, dense: float = 0.2, dense_from: float = 0.01) -> float:
+    """Dropout by how dense the interactions are, as SASRec's authors set it (Kang and McAuley, "Self-Attentive
+    Sequential Recommendation", ICDM 2018; their reference code trains the sparse Amazon sets with 0.5 and the
+    dense MovieLens-1M with 0.2): `dense` at or above `dense_from` density, `sparse` (the configured one) below."""
+    if not 0 <= density <= 1:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return dense if density >= dense_from else sparse

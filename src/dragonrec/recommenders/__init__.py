@@ -55,7 +55,12 @@ def build(name: str, overrides: dict | None = None) -> Recommender:
         raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))} "
                          f"(settings: {', '.join(cfg_type.model_fields)})")
     base = getattr(cls, "default_config", None) or {}
-    return cls(cfg_type.model_validate({**base, **overrides}))
+    settings = {**base, **overrides}
+    # a setting given explicitly wins over the data-driven default that would otherwise replace it
+    for auto, fields in getattr(cfg_type, "AUTO_SETTINGS", {}).items():
+        if auto not in overrides and any(f in overrides for f in fields):
+            settings[auto] = False
+    return cls(cfg_type.model_validate(settings))
 
 
 __all__ = ["RECOMMENDERS", "Recommender", "build", "recommender_class", "top_n"]

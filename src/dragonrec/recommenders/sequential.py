@@ -18,9 +18,10 @@ from typing import ClassVar, Self
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
 from dragonrec.data.catalog import Catalog
-from dragonrec.data.stats import suggest_max_len
+from dragonrec.data.stats import interaction_density, suggest_dropout, suggest_max_len
 from dragonrec.model.config import SeqRecConfig
 from dragonrec.model.lm import ItemTokenizer, SeqRecLM, pad_batch
 from dragonrec.model.trainer import SFTConfig, TrainResult, train_sft
@@ -31,16 +32,44 @@ from dragonrec.recommenders.base import Recommender, check_train_events
 class SequentialConfig(SeqRecConfig, SFTConfig):
     """Every model field (`SeqRecConfig`) and training field (`SFTConfig`), flat, plus these."""
 
+    # data-driven settings -> the fields they set: an override of such a field switches its rule off (`build`)
+    AUTO_SETTINGS: ClassVar[dict[str, tuple[str, ...]]] = {"max_len_auto": ("max_len",),
+                                                           "dropout_auto": ("emb_dropout", "hidden_dropout")}
     narrative_auto: bool = True  # turn on narrative mode when the training data has several action types
     # max_len from the data: the 95th percentile of training history lengths (events x tokens per event + [BOS],
     # `data.stats.suggest_max_len`, 16-256) instead of the fixed `max_len`
     max_len_auto: bool = False
+    # dropout from the data (`data.stats.suggest_dropout`, SASRec's rule): training interactions at least
+    # `dense_density` dense (distinct user-item pairs over users x items) train with `dense_dropout` on the
+    # embeddings and hidden layers; sparser data keeps `emb_dropout` / `hidden_dropout`. A dropout given explicitly
+    # (--set, a search's trial) switches this off (`recommenders.build`).
+    dropout_auto: bool = False
+    dense_density: float = Field(0.01, gt=0.0, le=1.0)
+    dense_dropout: float = Field(0.2, ge=0.0, lt=1.0)
     vocab_seed: int = 0  # seed of the random model-id order of items
     text_cache_dir: str | None = ".cache/embeddings"  # on-disk cache of item text embeddings (None = none)
     score_batch_size: int = 512  # histories per forward pass in score()
     # After early stopping on `valid`, train a fresh model on train + the validation targets for the best
     # epoch count (validation labels, never test ones; the chosen epochs come from the first run).
     refit_with_valid: bool = True
+
+    def adapted_to(self, train: pd.DataFrame) -> tuple[SequentialConfig, list[str]]:
+        """This configuration with its data-driven settings (`max_len_auto`, `dropout_auto`) resolved on the
+        training events, and a line on each setting that changed (`narrative` must already be decided)."""
+        update, notes = {}, []
+        if self.max_len_auto:
+            update["max_len"] = suggest_max_len(train.groupby("user_id").size().to_numpy(),
+                                                tokens_per_event=2 if self.narrative else 1)
+            notes.append(f"max_len {update['max_len']} from the training history lengths (95th percentile)")
+        if self.dropout_auto:
+            density = interaction_density(train)
+            emb = suggest_dropout(density, self.emb_dropout, self.dense_dropout, self.dense_density)
+            hidden = suggest_dropout(density, self.hidden_dropout, self.dense_dropout, self.dense_density)
+            if (emb, hidden) != (self.emb_dropout, self.hidden_dropout):
+                update |= {"emb_dropout": emb, "hidden_dropout": hidden}
+                notes.append(f"dropout {emb:g}/{hidden:g} for dense interactions ({100 * density:.2f} % of "
+                             f"user-item pairs, at least {100 * self.dense_density:g} %)")
+        return (self.model_copy(update=update) if update else self), notes
 
     def model_part(self) -> SeqRecConfig:
         return SeqRecConfig(**{k: getattr(self, k) for k in SeqRecConfig.model_fields})
@@ -120,11 +149,10 @@ class SequentialRecommender(Recommender):
             cfg = self.cfg = cfg.model_copy(update={"use_text": False, "cold_head": False})
         if not cfg.use_text and cfg.cold_head:  # text switched off (a search's choice): no text, no cold head
             cfg = self.cfg = cfg.model_copy(update={"cold_head": False})
-        if cfg.max_len_auto:
-            max_len = suggest_max_len(train.groupby("user_id").size().to_numpy(),
-                                      tokens_per_event=2 if cfg.narrative else 1)
-            log(None, f"{self.name}: max_len {max_len} from the training history lengths (95th percentile)", cfg.quiet)
-            cfg = self.cfg = cfg.model_copy(update={"max_len": max_len})
+        cfg, notes = cfg.adapted_to(train)
+        self.cfg = cfg
+        for note in notes:
+            log(None, f"{self.name}: {note}", cfg.quiet)
         self.tokenizer = ItemTokenizer.from_train(train["item_idx"].to_numpy(), len(catalog), cfg.vocab_seed,
                                                   with_all_items=cfg.use_text)
         text = None
@@ -329,4 +357,6 @@ class GenerativeRecommender(SequentialRecommender):
     # dropout 0.5 was best on Beauty validation with text (0.0683 vs 0.0672 at 0.3; benchmarks/results)
     # cold_head: products never interacted with (or added after training) are scored by text through a calibrated
     # head that never changes the trained items' ranking (docs/benchmarks.md, "Cold items")
-    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5, "cold_head": True}
+    # dropout_auto: dense interactions (ml-100k) train with 0.2 instead (docs/tuning.md, "Dropout from the data")
+    default_config: ClassVar[dict] = {"use_text": True, "emb_dropout": 0.5, "hidden_dropout": 0.5, "cold_head": True,
+                                      "dropout_auto": True}
