@@ -62,7 +62,7 @@ def table(dataset: str) -> str:
     for f in sorted(RESULTS.glob(f"tune13_{dataset}_*_*.json")):  # variants: tune13_<dataset>_<model>_<variant>
         model, variant = f.stem.removeprefix(f"tune13_{dataset}_").split("_", 1)
         d = json.loads(f.read_text())
-        lines.append(f"| {model} | default, {variant.replace('_', ' ')} | {cell(d['default'], 'test_ndcg@10')} | "
+        lines.append(f"| {model} | {variant.replace('_', ' ')} | {cell(d['default'], 'test_ndcg@10')} | "
                      f"{cell(d['default'], 'test_hr@10')} | {fit_s(d['default'])} | not searched |")
     return "\n".join(lines) + "\n"
 
