@@ -52,6 +52,19 @@ def test_suggest_dropout_follows_the_density_of_interactions():
         suggest_dropout(1.5, sparse=0.5)
 
 
+def test_a_searchs_default_trial_is_the_default_as_it_trains_on_that_data(chain_split):
+    """Trial 0 carries the data-driven defaults resolved on the training events: the chain data is dense, so the
+    generative default's dropout there is the dense one, not the configured 0.5."""
+    from dragonrec.tune import default_params
+
+    split = chain_split
+    space = search_space("generative", split.train)
+    assert default_params("generative", space)["emb_dropout"] == 0.5
+    resolved = default_params("generative", space, split.train)
+    assert resolved["emb_dropout"] == resolved["hidden_dropout"] == 0.2
+    assert default_params("sasrec", search_space("sasrec", split.train), split.train)["emb_dropout"] == 0.3
+
+
 def test_train_sft_callback_sees_every_validation_and_can_stop(chain_dataset, chain_split):
     from dragonrec.recommenders.sequential import SequentialConfig, SequentialRecommender
 

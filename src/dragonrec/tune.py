@@ -121,8 +121,6 @@ def default_params(recommender: str, space: dict, train=None) -> dict:
 
     cfg = build(recommender).cfg
     if train is not None and hasattr(cfg, "adapted_to"):
-        if cfg.narrative_auto and not cfg.narrative and train["action"].nunique() > 1:
-            cfg = cfg.model_copy(update={"narrative": True})
         cfg = cfg.adapted_to(train)[0]
     out = {}
     for name, dist in space.items():

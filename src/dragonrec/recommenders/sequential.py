@@ -54,12 +54,15 @@ class SequentialConfig(SeqRecConfig, SFTConfig):
     refit_with_valid: bool = True
 
     def adapted_to(self, train: pd.DataFrame) -> tuple[SequentialConfig, list[str]]:
-        """This configuration with its data-driven settings (`max_len_auto`, `dropout_auto`) resolved on the
-        training events, and a line on each setting that changed (`narrative` must already be decided)."""
+        """This configuration with its data-driven settings (`narrative_auto`, `max_len_auto`, `dropout_auto`)
+        resolved on the training events, and a line on each of the last two that changed."""
         update, notes = {}, []
+        narrative = self.narrative or (self.narrative_auto and train["action"].nunique() > 1)
+        if narrative != self.narrative:  # several action types: action tokens in the narratives
+            update["narrative"] = narrative
         if self.max_len_auto:
             update["max_len"] = suggest_max_len(train.groupby("user_id").size().to_numpy(),
-                                                tokens_per_event=2 if self.narrative else 1)
+                                                tokens_per_event=2 if narrative else 1)
             notes.append(f"max_len {update['max_len']} from the training history lengths (95th percentile)")
         if self.dropout_auto:
             density = interaction_density(train)
@@ -140,8 +143,6 @@ class SequentialRecommender(Recommender):
         check_train_events(train)
         self.catalog = catalog
         cfg = self.cfg
-        if cfg.narrative_auto and not cfg.narrative and train["action"].nunique() > 1:
-            cfg = self.cfg = cfg.model_copy(update={"narrative": True})
         vectors = item_text_embeddings(catalog, cfg.text_cache_dir) if cfg.use_text else None
         self.text_fallback = uninformative_text(vectors) if vectors is not None else None
         if self.text_fallback:  # text that cannot tell items apart can only add noise: IDs alone
