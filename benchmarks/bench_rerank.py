@@ -5,7 +5,9 @@
         --plot docs/img/diversity_tradeoff.png
 
 A co-occurrence pipeline (co-occurrence + popularity candidates, scored by co-occurrence) is fitted once on the
-leave-one-out training part; each setting swaps in a DiversityReranker and ranks the whole catalog for fixed
+leave-one-out training part, or (`--model generative --model-dir DIR`) a saved generative model trained on that
+part (`dragonrec train sft ... --set refit_with_valid=false`, so that validation stays held out) proposes its own
+top --pool candidates and scores them; each setting swaps in a DiversityReranker and ranks the whole catalog for fixed
 random samples of validation and test users (history excluded). Item vectors are the dense source's MiniLM text
 embeddings (cached under --cache-dir). The fixed settings in SETTINGS are reported as they are; the sweep
 (mode x novelty x diversity knob) is run on both splits, the setting that comes closest to the goal (NDCG@10
@@ -76,7 +78,7 @@ def closeness(vs: dict) -> float:
     return min(vs["ild_embedding"] / GOAL["ild_embedding"], vs["catalog_coverage"] / GOAL["catalog_coverage"])
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,8 +100,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_xlabel(label)
     axes[0].set_ylabel("NDCG@10 (test)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Amazon Beauty, co-occurrence pipeline: the diversity knob from 0 (black) to 0.7; "
-                 "dashed: -2 % NDCG@10, dotted red: the goal", fontsize=9)
+    fig.suptitle(f"{title}: the diversity knob from 0 (black) to 0.7; dashed: -2 % NDCG@10, dotted red: the goal",
+                 fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -135,7 +137,11 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/amazon-beauty")
     ap.add_argument("--users", type=int, default=3000, help="test (and validation) users sampled (seeded)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pool", type=int, default=300, help="co-occurrence candidates per request")
+    ap.add_argument("--pool", type=int, default=300, help="candidates per request (the model's own, or co-occurrence)")
+    ap.add_argument("--model", default="cooccurrence", choices=("cooccurrence", "generative"),
+                    help="the pipeline whose lists are re-ranked")
+    ap.add_argument("--model-dir", default=None,
+                    help="a saved model of --model trained on the leave-one-out training part (generative)")
     ap.add_argument("--cache-dir", default=".cache/embeddings")
     ap.add_argument("--out", default="benchmarks/results/rerank.json")
     ap.add_argument("--plot", default="docs/img/diversity_tradeoff.png")
@@ -149,8 +155,14 @@ def main() -> None:
                for name, cases in (("valid", split.valid), ("test", split.test))}
     dense = DenseConfig(cache_dir=args.cache_dir)
     vectors = embed_catalog(ds.catalog, cache_dir=args.cache_dir, template=dense.template)
-    cfg = PipelineConfig.union({"cooccurrence": args.pool, "popularity": 50}, model="cooccurrence", scorer="model",
-                               rest="cooccurrence", dense=dense)
+    if args.model == "cooccurrence":
+        cfg = PipelineConfig.union({"cooccurrence": args.pool, "popularity": 50}, model="cooccurrence",
+                                   scorer="model", rest="cooccurrence", dense=dense)
+    else:
+        if not args.model_dir:
+            raise SystemExit("--model generative needs --model-dir (a model trained on the training part only)")
+        cfg = PipelineConfig.union({"model": args.pool}, model=args.model, model_dir=args.model_dir, scorer="model",
+                                   rest="model", dense=dense)
     pipe = Pipeline(cfg).fit(split.train, ds.catalog)
     print(f"fitted in {time.perf_counter() - t0:.0f}s; {len(samples['test'])} users per split", flush=True)
     categories = ds.catalog.categories
@@ -176,6 +188,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:+.1%}" for k, v in results["test"][chosen]["vs_none"].items() if v is not None)
           + f"; goal reached: {all(reached.values())} {reached}", flush=True)
     out = {"data": args.data, "split": "loo valid and test, history excluded", "users": len(samples["test"]),
+           "model": args.model, "model_dir": args.model_dir,
            "seed": args.seed, "pipeline": cfg.model_dump(exclude={"rerank"}),
            "item_vectors": "all-MiniLM-L6-v2, dense template", "goal": GOAL,
            "chosen_on_valid": chosen, "goal_reached_on_test": reached,
@@ -184,7 +197,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     if args.plot:
-        plot(results["test"], args.plot)
+        plot(results["test"], args.plot, title=f"Amazon Beauty, {args.model} pipeline")
         print(f"wrote {args.plot}")
     print(f"wrote {args.out}")
 

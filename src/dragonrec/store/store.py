@@ -170,16 +170,7 @@ class Store:
         order (an event_id repeated in a later group counts as that group's duplicate). All or nothing: a bad
         event raises StoreError (its index counts across the groups) and nothing of any group is stored."""
         checked = event_rows([e for g in groups for e in g], self.known_items)
-        unique, _ = _first_of_each(checked, lambda r: r["event_id"])
-        inserted: set = set()
-        if unique:
-            with self.engine.begin() as conn:
-                seq = self._take_seq(conn, len(unique))
-                if self.config.require_known_request:
-                    self._check_requests(conn, unique, set())
-                now = time.time()
-                rows = [{**r, "ingested_at": now, "ingest_seq": next(seq)} for r in unique]
-                inserted = set(self._insert_new(conn, events_t, rows, "event_id"))
+        inserted = set(self._write(checked, [])[1])
         out, k = [], 0
         for g in groups:
             accepted = 0
@@ -204,12 +195,14 @@ class Store:
     def write(self, events: Iterable[Event | Mapping[str, Any]] | pd.DataFrame = (),
               impressions: Iterable[Impression | Mapping[str, Any]] = ()) -> WriteResult:
         """Store impressions and events together in one transaction (all of it or, on any error, none)."""
-        checked = event_rows(events, self.known_items)
-        imp_rows = impression_rows(impressions, self.known_items)
+        return self._write(event_rows(events, self.known_items), impression_rows(impressions, self.known_items))[0]
+
+    def _write(self, checked: list[dict], imp_rows: list) -> tuple[WriteResult, list]:
+        """`write` of checked rows; also the event ids it inserted (`add_event_groups` counts them by group)."""
         ev_rows, ev_repeats = _first_of_each(checked, lambda r: r["event_id"])
         imp_rows, imp_repeats = _first_of_each(imp_rows, lambda r: r[0]["request_id"])
         if not ev_rows and not imp_rows:
-            return WriteResult(events_duplicate=ev_repeats, impressions_duplicate=imp_repeats)
+            return WriteResult(events_duplicate=ev_repeats, impressions_duplicate=imp_repeats), []
         with self.engine.begin() as conn:
             seq = self._take_seq(conn, len(ev_rows) + len(imp_rows))
             now = time.time()
@@ -223,12 +216,12 @@ class Store:
                 slots = [s for r, items in imp_rows if r["request_id"] in inserted for s in items]
                 if slots:
                     self._insert_new(conn, slots_t, slots, None)
-            ev_new = 0
+            ev_new = []
             if ev_rows:
                 rows = [{**r, "ingested_at": now, "ingest_seq": next(seq)} for r in ev_rows]
-                ev_new = len(self._insert_new(conn, events_t, rows, "event_id"))
-        return WriteResult(ev_new, len(ev_rows) - ev_new + ev_repeats,
-                           imp_new, len(imp_rows) - imp_new + imp_repeats)
+                ev_new = self._insert_new(conn, events_t, rows, "event_id")
+        return WriteResult(len(ev_new), len(ev_rows) - len(ev_new) + ev_repeats,
+                           imp_new, len(imp_rows) - imp_new + imp_repeats), ev_new
 
     def _insert_new(self, conn: Connection, table: Table, rows: list[dict], key: str | None) -> list:
         """INSERT ... ON CONFLICT (key) DO NOTHING; returns the keys of the rows it inserted.
