@@ -57,12 +57,19 @@ KNOB = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 # The novelty weight beside the similarity term (both scaled by the knob): 0 = plain MMR / DPP.
 FAMILIES = {"mmr": ("mmr", 0.0), "mmr+novelty 1": ("mmr", 1.0), "mmr+novelty 3": ("mmr", 3.0),
             "dpp": ("dpp", 0.0), "dpp+novelty 1": ("dpp", 1.0)}
+# A model's log-scale scores can enter as probabilities (RerankConfig.relevance): families prefixed "p-"
+PROBABILITY_FAMILIES = {f"p-{k}": v for k, v in FAMILIES.items()}
 GOAL = {"ndcg@10": -0.02, "ild_embedding": 0.25, "catalog_coverage": 0.50}
 
 
-def sweep() -> dict[str, RerankConfig]:
-    return {f"{fam} d={d}": RerankConfig(diversity=d, mode=mode, novelty=nov, exclude_bought=False)
-            for fam, (mode, nov) in FAMILIES.items() for d in KNOB}
+def families(model: str) -> dict[str, tuple[str, float]]:
+    return FAMILIES if model == "cooccurrence" else {**FAMILIES, **PROBABILITY_FAMILIES}
+
+
+def sweep(model: str) -> dict[str, RerankConfig]:
+    return {f"{fam} d={d}": RerankConfig(diversity=d, mode=mode, novelty=nov, exclude_bought=False,
+                                         relevance="probability" if fam.startswith("p-") else "minmax")
+            for fam, (mode, nov) in families(model).items() for d in KNOB}
 
 
 def relative(m: dict, base: dict) -> dict:
@@ -78,7 +85,7 @@ def closeness(vs: dict) -> float:
     return min(vs["ild_embedding"] / GOAL["ild_embedding"], vs["catalog_coverage"] / GOAL["catalog_coverage"])
 
 
-def plot(results: dict, path: str, title: str) -> None:
+def plot(results: dict, path: str, title: str, fams: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,10 +96,10 @@ def plot(results: dict, path: str, title: str) -> None:
               ("category_coverage", "category coverage"), ("catalog_coverage", "catalog coverage"))
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.4), sharey=True)
     for ax, (key, label) in zip(axes, panels):
-        for fam in FAMILIES:
+        for fam in fams:
             pts = [results[f"{fam} d={d}"] for d in KNOB]
             xs, ys = [base[key]] + [p[key] for p in pts], [base["ndcg@10"]] + [p["ndcg@10"] for p in pts]
-            ax.plot(xs, ys, marker="o", ms=3, label=fam)
+            ax.plot(xs, ys, marker="o", ms=3, label=fam, ls="--" if fam.startswith("p-") else "-")
         ax.axhline(base["ndcg@10"] * 0.98, color="grey", ls="--", lw=0.8)
         ax.scatter([base[key]], [base["ndcg@10"]], color="black", zorder=5, label="no re-rank")
         if key in GOAL:
@@ -166,14 +173,14 @@ def main() -> None:
     pipe = Pipeline(cfg).fit(split.train, ds.catalog)
     print(f"fitted in {time.perf_counter() - t0:.0f}s; {len(samples['test'])} users per split", flush=True)
     categories = ds.catalog.categories
-    settings = {**SETTINGS, **sweep()}
+    settings = {**SETTINGS, **sweep(args.model)}
     results: dict[str, dict] = {"valid": {}, "test": {}}
     for name, rc in settings.items():
         pipe.reranker = (Reranker() if rc is None
                          else DiversityReranker(rc).fit(ds.catalog, vectors, popularity=pipe.cold.popularity))
         for part, cases in samples.items():
             m = results[part][name] = {"config": None if rc is None else rc.model_dump(include={
-                "diversity", "mode", "novelty", "category_cap", "category_depth", "calibration"}),
+                "diversity", "mode", "relevance", "novelty", "category_cap", "category_depth", "calibration"}),
                 **measure(pipe, cases, vectors, categories)}
         m = results["test"][name]
         print(f"{name:22s} test ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} ild_cat {m['ild_category']:.3f} "
@@ -182,7 +189,7 @@ def main() -> None:
         base = part_results["none"]
         for m in part_results.values():
             m["vs_none"] = relative(m, base)
-    chosen = max(sweep(), key=lambda k: closeness(results["valid"][k]["vs_none"]))
+    chosen = max(sweep(args.model), key=lambda k: closeness(results["valid"][k]["vs_none"]))
     reached = {k: results["test"][chosen]["vs_none"][k] >= g for k, g in GOAL.items()}
     print(f"chosen on validation: {chosen}; test vs none: "
           + ", ".join(f"{k} {v:+.1%}" for k, v in results["test"][chosen]["vs_none"].items() if v is not None)
@@ -197,7 +204,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
     if args.plot:
-        plot(results["test"], args.plot, title=f"Amazon Beauty, {args.model} pipeline")
+        plot(results["test"], args.plot, title=f"Amazon Beauty, {args.model} pipeline", fams=families(args.model))
         print(f"wrote {args.plot}")
     print(f"wrote {args.out}")
 

@@ -101,6 +101,25 @@ def test_dpp_picks_across_clusters_and_its_knob_at_zero_changes_nothing():
     assert out[:3] == picked
 
 
+@pytest.mark.parametrize("mode", ["mmr", "dpp"])
+def test_probability_relevance_spreads_a_flat_list_and_keeps_a_confident_ones_head(mode):
+    """Two lists in the same order whose scores differ by a factor of 100: min-max relevance sees the same list
+    twice; as probabilities (log-scale scores) the confident one keeps its runner-up, the flat one spreads."""
+    cat = catalog_of(["A"] * 6)
+    vec = two_clusters()
+    order = [0, 1, 2, 3, 4, 5]  # a0 a1 a2 b0 b1 b2
+    confident = np.asarray([8.0, 7.0, 6.0, 1.0, 0.5, 0.0])
+    flat = confident / 100
+    minmax = DiversityReranker(RerankConfig(diversity=0.3, mode=mode)).fit(cat, vec)
+    assert rerank(minmax, order, scores=confident) == rerank(minmax, order, scores=flat)
+    prob = DiversityReranker(RerankConfig(diversity=0.3, mode=mode, relevance="probability")).fit(cat, vec)
+    assert rerank(prob, order, scores=confident)[:2] == [0, 1]
+    assert rerank(prob, order, scores=flat)[:2] == [0, 3]
+    # knob 0 keeps the order whatever the scores (non-finite and out-of-order ones included)
+    off = DiversityReranker(RerankConfig(mode=mode, relevance="probability", category_cap=100)).fit(cat, vec)
+    assert rerank(off, order, scores=[0.1, 5.0, -np.inf, -1.0, 3.0, 0.0]) == order
+
+
 def test_novelty_demotes_items_every_user_gets_only_when_the_knob_is_on():
     cat = catalog_of(["A"] * 4)
     vec = np.eye(4, dtype=np.float32)  # all equally dissimilar: only relevance and novelty decide

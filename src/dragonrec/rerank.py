@@ -50,6 +50,12 @@ class RerankConfig(BaseModel):
     mode: Literal["mmr", "dpp"] = "mmr"
     """'mmr': maximal marginal relevance; 'dpp': greedy MAP of a determinantal point process (Chen et al. 2018)
     with quality exp(alpha * rel), alpha = (1 - diversity) / (2 * diversity). Calibration applies to MMR only."""
+    relevance: Literal["minmax", "probability"] = "minmax"
+    """How the list's scores become the relevance term. "minmax": min-max normalised within the list, the same
+    scale for every request. "probability": the softmax of the scores over the list times its length (1 = a
+    uniform guess), for scorers whose scores are logits or log-probabilities (the sequence models): a confident
+    list (one item far above the rest) keeps its head, a flat one spreads, as the expected NDCG lost by a swap is
+    a difference of probabilities. In "dpp" mode its log is the quality's exponent (quality = p ** alpha)."""
     novelty: float = Field(0.0, ge=0.0)
     """Weight (beside the similarity term, so scaled by the knob) of a penalty on the item's log popularity:
     demotes items every user gets, so more of the catalog is shown; 0 = off."""
@@ -265,7 +271,9 @@ class DiversityReranker(Reranker):
                target: dict[int, float]) -> np.ndarray:
         """Positions into `items` [m] (best first): a greedy head of up to `head` picks, then the rest in order."""
         cfg, m = self.cfg, len(items)
-        rel = _relevance(scores)
+        rel = _relevance(scores) if cfg.relevance == "minmax" else _probability_ratio(scores)
+        if lam > 0 and cfg.mode == "dpp" and cfg.relevance == "probability":
+            rel = np.log(rel)  # the DPP's quality exp(alpha * rel) is then p ** alpha (novelty divides it)
         if lam > 0 and cfg.novelty > 0:
             # folded into relevance in its MMR weight: (1 - lam) rel' = (1 - lam) rel - lam * novelty * pop
             rel = rel - lam / max(1.0 - lam, 1e-6) * cfg.novelty * self.popularity[items]
@@ -370,6 +378,19 @@ def _relevance(scores: np.ndarray) -> np.ndarray:
     s = np.minimum.accumulate(s)
     lo, hi = s.min(), s.max()
     return np.ones(len(s)) if hi <= lo else (s - lo) / (hi - lo)
+
+
+def _probability_ratio(scores: np.ndarray) -> np.ndarray:
+    """[m] > 0: the softmax of the scores times m, each item's probability relative to a uniform guess over the
+    list; as in `_relevance`, non-finite scores count as the lowest finite one and the scores are made
+    non-increasing along the list first (so knob 0 keeps the order)."""
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(s)
+    if not finite.any():
+        return np.ones(len(s))
+    s = np.minimum.accumulate(np.where(finite, s, s[finite].min()))
+    e = np.exp(s - s[0])
+    return len(s) * e / e.sum()
 
 
 def _kl_if_added(p: np.ndarray, in_p: np.ndarray, k: int, alpha: float) -> np.ndarray:

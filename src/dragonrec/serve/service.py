@@ -527,7 +527,8 @@ class Service:
     def rerank_config(self) -> RerankConfig:
         """The re-rank stage from settings: the default diversity knob and the shop's rules."""
         s = self.settings
-        return RerankConfig(diversity=s.diversity, mode=s.diversity_mode, novelty=s.diversity_novelty,
+        return RerankConfig(diversity=s.diversity, mode=s.diversity_mode, relevance=s.diversity_relevance,
+                            novelty=s.diversity_novelty,
                             category_cap=s.category_cap, calibration=s.calibration, cold_item_slots=s.cold_item_slots,
                             cold_item_rank=s.cold_item_rank)
 

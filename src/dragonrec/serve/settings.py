@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     queued while the last one ran (batches still grow under load, and a lone request never waits)."""
     diversity_mode: Literal["mmr", "dpp"] = "mmr"
     """How `diversity` spreads a list: maximal marginal relevance or a greedy DPP over item text vectors."""
+    diversity_relevance: Literal["minmax", "probability"] = "minmax"
+    """How the scores weigh against similarity in `diversity`: min-max within the list, or as the model's
+    probabilities (confident lists keep their head, flat ones spread; `RerankConfig.relevance`)."""
     diversity_novelty: float = Field(0.0, ge=0.0)
     """Beside `diversity`, demotion of items by their log popularity (more of the catalog shown); 0: off."""
     category_cap: int | None = Field(None, ge=1)
