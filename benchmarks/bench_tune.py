@@ -13,6 +13,13 @@ The search and the seed-0 tuned model come from the command line itself; the def
         --tuned 'runs/tune13/generative/report.json' 'runs/tune13/generative/tuned_s*.json' \
         --defaults 'runs/tune13/defaults/generative_s*.json' --out benchmarks/results/tune_ml100k_generative.json
 
+Two models on the same split, case by case (each case's NDCG@10 averaged over the seeds of each model; the
+standard error of the mean paired difference is the noise of the cases themselves, which seeds cannot average
+away):
+
+    .venv/bin/python benchmarks/bench_tune.py paired --a 'runs/ml100k/sasrec_s*.json' \
+        --b 'runs/ml100k/generative_s*.json' --out benchmarks/results/paired_ml-100k.json
+
 Every final model is fitted as the recommender's default is (early stopping on validation, refit on train +
 validation targets) and scored once on test; the search itself never reads test.
 """
@@ -92,6 +99,54 @@ def summary(args) -> None:
               f"best valid ndcg@10 {tuned_cfg['best_value']:.4f}")
 
 
+def paired_difference(a: list[np.ndarray], b: list[np.ndarray], k: int = 10) -> dict:
+    """B against A from per-case target ranks (one array per seed, the same cases in the same order): the mean
+    over cases of (B's NDCG@k averaged over its seeds - A's), its standard error and 95 % interval."""
+    from dragonrec.evaluate.metrics import ndcg_gains
+
+    ga = np.mean([ndcg_gains(r, k) for r in a], axis=0)
+    gb = np.mean([ndcg_gains(r, k) for r in b], axis=0)
+    d = gb - ga
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    mean = float(d.mean())
+    return {f"a_ndcg@{k}": float(ga.mean()), f"b_ndcg@{k}": float(gb.mean()), "difference": mean, "se": se,
+            "ci95": [mean - 1.96 * se, mean + 1.96 * se], "relative": mean / float(ga.mean()) if ga.mean() else None,
+            "z": mean / se if se > 0 else None, "cases": len(d), "seeds": [len(a), len(b)],
+            "cases_where_b_better": int((d > 0).sum()), "cases_where_a_better": int((d < 0).sum())}
+
+
+def paired(args) -> None:
+    sides = {}
+    for side, patterns in (("a", args.a), ("b", args.b)):
+        paths = sorted({f for pattern in patterns for f in glob.glob(pattern)})
+        if not paths:
+            raise SystemExit(f"--{side}: no report matches {patterns}")
+        sides[side] = [json.loads(Path(p).read_text()) | {"_path": p} for p in paths]
+    key = f"{args.part}_ranks"
+    reports = sides["a"] + sides["b"]
+    missing = [r["_path"] for r in reports if key not in r]
+    if missing:
+        raise SystemExit(f"no per-case ranks ({key}) in {missing}: rerun them with this version of dragonrec")
+    splits = {(r["dataset"]["name"], r["split"]["name"], r["split"]["ties"], len(r[key])) for r in reports}
+    if len(splits) != 1:
+        raise SystemExit(f"the reports are not on one split: {sorted(splits)}")
+    if next(iter(splits))[2] != "keep":  # shuffled ties: each seed has its own split, pair seed with seed
+        seeds = [sorted(r["split"]["seed"] for r in sides[s]) for s in "ab"]
+        if seeds[0] != seeds[1]:
+            raise SystemExit(f"shuffled ties: the two sides need the same seeds (one split each), got {seeds}")
+    res = paired_difference([np.asarray(r[key]) for r in sides["a"]], [np.asarray(r[key]) for r in sides["b"]])
+    out = {"data": reports[0]["dataset"]["name"], "split": reports[0]["split"]["name"],
+           "ties": reports[0]["split"]["ties"], "part": args.part,
+           "a": {"recommender": sides["a"][0]["recommender"], "reports": [r["_path"] for r in sides["a"]]},
+           "b": {"recommender": sides["b"][0]["recommender"], "reports": [r["_path"] for r in sides["b"]]}, **res}
+    print(f"{out['data']} {args.part}: {out['b']['recommender']} - {out['a']['recommender']} NDCG@10 "
+          f"{res['difference']:+.4f} (SE {res['se']:.4f}, 95 % {res['ci95'][0]:+.4f}..{res['ci95'][1]:+.4f}, "
+          f"{res['relative']:+.1%} of {res['a_ndcg@10']:.4f}) over {res['cases']} cases, seeds {res['seeds']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -104,8 +159,13 @@ def main() -> None:
     su.add_argument("--tuned", nargs="+", default=None, help="globs of reports of the tuned configuration")
     su.add_argument("--defaults", nargs="+", required=True, help="globs of reports of the default configuration")
     su.add_argument("--out", type=Path, required=True)
+    pa = sub.add_parser("paired", help="B against A case by case on the same split")
+    pa.add_argument("--a", nargs="+", required=True, help="globs of A's reports (one per seed)")
+    pa.add_argument("--b", nargs="+", required=True, help="globs of B's reports (one per seed)")
+    pa.add_argument("--part", default="test", choices=("test", "valid"))
+    pa.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    evaluate_tuned(args) if args.cmd == "eval" else summary(args)
+    {"eval": evaluate_tuned, "summary": summary, "paired": paired}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """The command line: every command documented, `evaluate` end to end on a tiny dataset."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from dragonrec.cli import app
+from dragonrec.evaluate.metrics import ndcg_at_k
 
 runner = CliRunner()
 
@@ -32,6 +38,37 @@ def test_evaluate_writes_report(chain_dir, tmp_path):
     assert report["test"]["hr@10"] == 1.0  # the chain is obvious to co-occurrence
     assert "cold_user" in report["test_slices"] and "coverage@10" in report["test_beyond"]
     assert "ndcg@10" in result.output
+    # each case's target rank, in the split's order, is what the metrics were computed from
+    assert len(report["test_ranks"]) == report["split"]["test_cases"]
+    assert ndcg_at_k(np.asarray(report["test_ranks"]), 10) == pytest.approx(report["test"]["ndcg@10"])
+
+
+def test_two_models_compare_case_by_case_on_the_same_split(chain_dir, tmp_path):
+    """`bench_tune.py paired`: the mean per-case difference with its standard error, from the reports' ranks."""
+    paths = {}
+    for name in ("cooccurrence", "popularity"):
+        paths[name] = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--recommender", name, "--quiet",
+                                     "--output", str(paths[name])])
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "paired.json"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tune.py"
+    run = subprocess.run([sys.executable, str(bench), "paired", "--a", str(paths["cooccurrence"]),
+                          "--b", str(paths["popularity"]), "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    res = json.loads(out.read_text())
+    reports = {k: json.loads(v.read_text()) for k, v in paths.items()}
+    assert res["a_ndcg@10"] == pytest.approx(reports["cooccurrence"]["test"]["ndcg@10"])
+    assert res["b_ndcg@10"] == pytest.approx(reports["popularity"]["test"]["ndcg@10"])
+    assert res["difference"] == pytest.approx(res["b_ndcg@10"] - res["a_ndcg@10"]) and res["difference"] < 0
+    assert res["se"] > 0 and res["ci95"][1] < 0  # co-occurrence reads the chain, popularity cannot
+    # reports of another split are refused
+    other = json.loads(paths["popularity"].read_text())
+    other["test_ranks"] = other["test_ranks"][:-1]
+    paths["popularity"].write_text(json.dumps(other))
+    run = subprocess.run([sys.executable, str(bench), "paired", "--a", str(paths["cooccurrence"]),
+                          "--b", str(paths["popularity"])], capture_output=True, text=True)
+    assert run.returncode != 0 and "not on one split" in run.stderr
 
 
 def test_evaluate_reports_bad_input_clearly(tmp_path):

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from dragonrec.data import cold_item_split, leave_one_out, load_dataset, shuffle_ties, time_split
@@ -138,6 +139,9 @@ def run_evaluation(data: Path | str, recommender: str | None, *, model_dir: Path
         report[f"{name}_keep_history"] = res["keep_history"]
         report[f"{name}_slices"] = res["slices"]
         report[f"{name}_beyond"] = res["beyond"]
+        # each case's target rank (history excluded, in the split's case order): two models' reports on the same
+        # split compare case by case (`benchmarks/bench_tune.py paired`)
+        report[f"{name}_ranks"] = np.asarray(res["ranks"]).tolist()
         if "degradation" in res:
             report[f"{name}_degradation"] = deg = res["degradation"]
             scored = deg.get("scored", deg["requests"])

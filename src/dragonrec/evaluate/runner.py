@@ -40,7 +40,8 @@ def evaluate_cases(model: Recommender, cases: EvalCases, *, train: pd.DataFrame 
                    progress: Callable[[int, int], None] | None = None) -> dict:
     """Rank the whole catalog for every case; metrics with history items excluded (the default) and kept.
 
-    Returns {"metrics": {...}, "keep_history": {...}, "slices": {name: {...}}, "beyond": {...}, "seconds": ...},
+    Returns {"metrics": {...}, "keep_history": {...}, "slices": {name: {...}}, "beyond": {...}, "seconds": ...,
+    "ranks": [len(cases)] 0-based rank of each target, history excluded (paired comparisons of two models)},
     plus "degradation" ({requests, degraded, reasons}) for a model with a fallible scorer (`stats()`).
     Beyond-accuracy metrics are computed on the top-n lists with history excluded.
     """
@@ -86,6 +87,7 @@ def evaluate_cases(model: Recommender, cases: EvalCases, *, train: pd.DataFrame 
         head = np.argsort(-pop, kind="stable")[:max(1, n_items // 100)]
         beyond[f"top1pct_share@{n}"] = float(np.isin(np.asarray(lists), head).mean()) if lists else 0.0
     result["beyond"] = beyond
+    result["ranks"] = ranks_ex
     result["seconds"] = time.perf_counter() - t0
     return result
 
