@@ -7,9 +7,9 @@
 A co-occurrence pipeline (co-occurrence + popularity candidates, scored by co-occurrence) is fitted once on the
 leave-one-out training part, or (`--model generative --model-dir DIR`) a saved generative model trained on that
 part (`dragonrec train sft ... --set refit_with_valid=false`, so that validation stays held out) proposes its own
-top --pool candidates and scores them; each setting swaps in a DiversityReranker and ranks the whole catalog for fixed
-random samples of validation and test users (history excluded). Item vectors are the dense source's MiniLM text
-embeddings (cached under --cache-dir). The fixed settings in SETTINGS are reported as they are; the sweep
+top --pool candidates and scores them; each setting's DiversityReranker re-ranks the same scored candidate
+lists of fixed random samples of validation and test users (history excluded; the pipeline runs once,
+`Recorder`). Item vectors are the dense source's MiniLM text embeddings (cached under --cache-dir). The fixed settings in SETTINGS are reported as they are; the sweep
 (mode x novelty x diversity knob) is run on both splits, the setting that comes closest to the goal (NDCG@10
 loss <= 2 %, embedding ILD +25 %, catalog coverage +50 %) is chosen on VALIDATION only, and test is reported.
 """
@@ -35,7 +35,6 @@ from dragonrec.evaluate.metrics import (
     hit_rate_at_k,
     intra_list_diversity,
     ndcg_at_k,
-    target_ranks,
 )
 from dragonrec.pipeline import Pipeline, PipelineConfig
 from dragonrec.rerank import DiversityReranker, RerankConfig, Reranker, category_key
@@ -114,28 +113,50 @@ def plot(results: dict, path: str, title: str, fams: dict) -> None:
     fig.savefig(path, dpi=110)
 
 
-def measure(pipe: Pipeline, cases, vectors: np.ndarray, categories: np.ndarray, n: int = 10) -> dict:
-    t0 = time.perf_counter()
-    ranks, lists = [], []
+class Recorder(Reranker):
+    """The plain re-ranker (drops banned items) that keeps what each list's re-rank stage was given, so that every
+    setting re-ranks the same scored candidates without running the pipeline (and its model) again."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def rerank_for(self, items, scores, banned, request):
+        self.calls.append((items, scores, banned, request))
+        return super().rerank_for(items, scores, banned, request)
+
+
+def record(pipe: Pipeline, cases) -> list[tuple]:
+    """What the re-rank stage gets for each case: (items, scores, banned, request), in case order."""
+    pipe.reranker = rec = Recorder()
     for start in range(0, len(cases), 256):
         hist, acts = cases.histories[start:start + 256], cases.actions[start:start + 256]
-        scores = pipe.score(hist, acts)
-        ranks.append(target_ranks(scores, cases.targets[start:start + 256], exclude=hist))
-        for b, h in enumerate(hist):
-            scores[b, h] = -np.inf
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :n]
-        lists += [row.tolist() for row in top]
-    r = np.concatenate(ranks)
+        before = len(rec.calls)
+        pipe.score(hist, acts)
+        if len(rec.calls) - before != len(hist):  # a cold-start list skips the re-rank stage
+            raise RuntimeError(f"{len(rec.calls) - before} re-ranked lists for {len(hist)} cases")
+    return rec.calls
+
+
+def measure(reranker: Reranker, calls: list[tuple], targets: np.ndarray, vectors: np.ndarray,
+            categories: np.ndarray, n: int = 10) -> dict:
+    t0 = time.perf_counter()
+    ranks, lists = np.full(len(calls), n, dtype=np.int64), []
+    for c, (items, scores, banned, request) in enumerate(calls):
+        top = items[reranker.rerank_for(items, scores, banned, request)][:n]
+        hit = np.flatnonzero(top == targets[c])
+        if len(hit):
+            ranks[c] = hit[0]
+        lists.append(top.tolist())
     top_cats = np.asarray([category_key(c, 2) for c in categories], dtype=object)
     return {
-        "ndcg@10": ndcg_at_k(r, 10), "hr@10": hit_rate_at_k(r, 10),
+        "ndcg@10": ndcg_at_k(ranks, 10), "hr@10": hit_rate_at_k(ranks, 10),
         "ild_category": intra_list_diversity(lists, categories=categories),
         "ild_category_depth2": intra_list_diversity(lists, categories=top_cats),
         "ild_embedding": intra_list_diversity(lists, embeddings=vectors),
         "catalog_coverage": catalog_coverage(lists, len(categories)),
         "category_coverage": len({categories[i] for lst in lists for i in lst if categories[i]})
         / max(len({c for c in categories if c}), 1),
-        "cases": len(r), "seconds": round(time.perf_counter() - t0, 1),
+        "cases": len(ranks), "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
@@ -171,17 +192,18 @@ def main() -> None:
         cfg = PipelineConfig.union({"model": args.pool}, model=args.model, model_dir=args.model_dir, scorer="model",
                                    rest="model", dense=dense)
     pipe = Pipeline(cfg).fit(split.train, ds.catalog)
-    print(f"fitted in {time.perf_counter() - t0:.0f}s; {len(samples['test'])} users per split", flush=True)
+    calls = {part: record(pipe, cases) for part, cases in samples.items()}
+    print(f"fitted and scored in {time.perf_counter() - t0:.0f}s; {len(samples['test'])} users per split", flush=True)
     categories = ds.catalog.categories
     settings = {**SETTINGS, **sweep(args.model)}
     results: dict[str, dict] = {"valid": {}, "test": {}}
     for name, rc in settings.items():
-        pipe.reranker = (Reranker() if rc is None
-                         else DiversityReranker(rc).fit(ds.catalog, vectors, popularity=pipe.cold.popularity))
+        reranker = (Reranker() if rc is None
+                    else DiversityReranker(rc).fit(ds.catalog, vectors, popularity=pipe.cold.popularity))
         for part, cases in samples.items():
             m = results[part][name] = {"config": None if rc is None else rc.model_dump(include={
                 "diversity", "mode", "relevance", "novelty", "category_cap", "category_depth", "calibration"}),
-                **measure(pipe, cases, vectors, categories)}
+                **measure(reranker, calls[part], cases.targets, vectors, categories)}
         m = results["test"][name]
         print(f"{name:22s} test ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} ild_cat {m['ild_category']:.3f} "
               f"ild_emb {m['ild_embedding']:.3f} cov {m['catalog_coverage']:.3f} ({m['seconds']}s)", flush=True)

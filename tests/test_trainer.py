@@ -206,8 +206,9 @@ def test_dropout_from_the_density_of_the_training_interactions(chain_split):
     assert model.model.cfg.emb_dropout == 0.2 and model.model.emb_drop.p == 0.2
     sparse = rec_cfg(dropout_auto=True, emb_dropout=0.5, hidden_dropout=0.4, dense_density=density + 1e-6)
     assert sparse.adapted_to(split.train) == (sparse, [])
-    # the generative default adapts; a dropout set by hand (or by a search's trial) is kept as given
-    assert build("generative").cfg.dropout_auto and not build("sasrec").cfg.dropout_auto
+    # both sequence models' defaults adapt; a dropout set by hand (or by a search's trial) is kept as given
+    assert build("generative").cfg.dropout_auto and build("sasrec").cfg.dropout_auto
+    assert not build("sasrec", {"emb_dropout": 0.3}).cfg.dropout_auto
     assert not build("generative", {"hidden_dropout": 0.5}).cfg.dropout_auto
     assert build("generative", {"hidden_dropout": 0.5, "dropout_auto": True}).cfg.dropout_auto
 

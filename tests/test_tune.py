@@ -54,7 +54,7 @@ def test_suggest_dropout_follows_the_density_of_interactions():
 
 def test_a_searchs_default_trial_is_the_default_as_it_trains_on_that_data(chain_split):
     """Trial 0 carries the data-driven defaults resolved on the training events: the chain data is dense, so the
-    generative default's dropout there is the dense one, not the configured 0.5."""
+    default's dropout there is the dense one (0.2), not the configured one (generative 0.5, sasrec 0.3)."""
     from dragonrec.tune import default_params
 
     split = chain_split
@@ -62,7 +62,9 @@ def test_a_searchs_default_trial_is_the_default_as_it_trains_on_that_data(chain_
     assert default_params("generative", space)["emb_dropout"] == 0.5
     resolved = default_params("generative", space, split.train)
     assert resolved["emb_dropout"] == resolved["hidden_dropout"] == 0.2
-    assert default_params("sasrec", search_space("sasrec", split.train), split.train)["emb_dropout"] == 0.3
+    sasrec_space = search_space("sasrec", split.train)
+    assert default_params("sasrec", sasrec_space)["emb_dropout"] == 0.3
+    assert default_params("sasrec", sasrec_space, split.train)["emb_dropout"] == 0.2
 
 
 def test_train_sft_callback_sees_every_validation_and_can_stop(chain_dataset, chain_split):
@@ -172,7 +174,7 @@ def test_first_trial_is_the_default_and_the_space_fits_the_data(chain_dataset, c
     long = chain_split.train.loc[np.repeat(chain_split.train.index, 40)]  # histories of about 160 events
     assert space["max_len"].high == 50 and search_space("sasrec", long)["max_len"].high > 150
     result = quiet_search(chain_split, chain_dataset.catalog, trials=1, minutes=5)
-    default = build("sasrec").cfg
+    default = build("sasrec").cfg.adapted_to(chain_split.train)[0]  # as it trains on this data (dense: dropout 0.2)
     assert result.trials[0]["params"] == {k: getattr(default, k) for k in result.trials[0]["params"]}
     fixed = quiet_search(chain_split, chain_dataset.catalog, overrides={"hidden_size": 16}, trials=2, minutes=5)
     assert "hidden_size" not in fixed.space and all("hidden_size" not in t["params"] for t in fixed.trials)
