@@ -138,7 +138,7 @@ def record(pipe: Pipeline, cases) -> list[tuple]:
 
 
 def measure(reranker: Reranker, calls: list[tuple], targets: np.ndarray, vectors: np.ndarray,
-            categories: np.ndarray, n: int = 10) -> dict:
+            categories: np.ndarray, top_cats: np.ndarray, n: int = 10) -> dict:
     t0 = time.perf_counter()
     ranks, lists = np.full(len(calls), n, dtype=np.int64), []
     for c, (items, scores, banned, request) in enumerate(calls):
@@ -147,7 +147,6 @@ def measure(reranker: Reranker, calls: list[tuple], targets: np.ndarray, vectors
         if len(hit):
             ranks[c] = hit[0]
         lists.append(top.tolist())
-    top_cats = np.asarray([category_key(c, 2) for c in categories], dtype=object)
     return {
         "ndcg@10": ndcg_at_k(ranks, 10), "hr@10": hit_rate_at_k(ranks, 10),
         "ild_category": intra_list_diversity(lists, categories=categories),
@@ -195,6 +194,7 @@ def main() -> None:
     calls = {part: record(pipe, cases) for part, cases in samples.items()}
     print(f"fitted and scored in {time.perf_counter() - t0:.0f}s; {len(samples['test'])} users per split", flush=True)
     categories = ds.catalog.categories
+    top_cats = np.asarray([category_key(c, 2) for c in categories], dtype=object)
     settings = {**SETTINGS, **sweep(args.model)}
     results: dict[str, dict] = {"valid": {}, "test": {}}
     for name, rc in settings.items():
@@ -203,7 +203,7 @@ def main() -> None:
         for part, cases in samples.items():
             m = results[part][name] = {"config": None if rc is None else rc.model_dump(include={
                 "diversity", "mode", "relevance", "novelty", "category_cap", "category_depth", "calibration"}),
-                **measure(reranker, calls[part], cases.targets, vectors, categories)}
+                **measure(reranker, calls[part], cases.targets, vectors, categories, top_cats)}
         m = results["test"][name]
         print(f"{name:22s} test ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f} ild_cat {m['ild_category']:.3f} "
               f"ild_emb {m['ild_embedding']:.3f} cov {m['catalog_coverage']:.3f} ({m['seconds']}s)", flush=True)
