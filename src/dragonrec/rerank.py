@@ -271,9 +271,10 @@ class DiversityReranker(Reranker):
                target: dict[int, float]) -> np.ndarray:
         """Positions into `items` [m] (best first): a greedy head of up to `head` picks, then the rest in order."""
         cfg, m = self.cfg, len(items)
-        rel = _relevance(scores) if cfg.relevance == "minmax" else _probability_ratio(scores)
-        if lam > 0 and cfg.mode == "dpp" and cfg.relevance == "probability":
-            rel = np.log(rel)  # the DPP's quality exp(alpha * rel) is then p ** alpha (novelty divides it)
+        if cfg.relevance == "minmax":
+            rel = _relevance(scores)
+        else:  # DPP: the log, so that its quality exp(alpha * rel) is p ** alpha (and novelty divides it)
+            rel = _probability_ratio(scores, log=lam > 0 and cfg.mode == "dpp")
         if lam > 0 and cfg.novelty > 0:
             # folded into relevance in its MMR weight: (1 - lam) rel' = (1 - lam) rel - lam * novelty * pop
             rel = rel - lam / max(1.0 - lam, 1e-6) * cfg.novelty * self.popularity[items]
@@ -380,17 +381,18 @@ def _relevance(scores: np.ndarray) -> np.ndarray:
     return np.ones(len(s)) if hi <= lo else (s - lo) / (hi - lo)
 
 
-def _probability_ratio(scores: np.ndarray) -> np.ndarray:
+def _probability_ratio(scores: np.ndarray, log: bool = False) -> np.ndarray:
     """[m] > 0: the softmax of the scores times m, each item's probability relative to a uniform guess over the
-    list; as in `_relevance`, non-finite scores count as the lowest finite one and the scores are made
-    non-increasing along the list first (so knob 0 keeps the order)."""
+    list (its log with `log`); as in `_relevance`, non-finite scores count as the lowest finite one and the
+    scores are made non-increasing along the list first (so knob 0 keeps the order)."""
     s = np.asarray(scores, dtype=np.float64)
     finite = np.isfinite(s)
     if not finite.any():
-        return np.ones(len(s))
+        return np.zeros(len(s)) if log else np.ones(len(s))
     s = np.minimum.accumulate(np.where(finite, s, s[finite].min()))
-    e = np.exp(s - s[0])
-    return len(s) * e / e.sum()
+    z = s - s[0]
+    log_ratio = np.log(len(s)) + z - np.log(np.exp(z).sum())
+    return log_ratio if log else np.exp(log_ratio)
 
 
 def _kl_if_added(p: np.ndarray, in_p: np.ndarray, k: int, alpha: float) -> np.ndarray:
