@@ -163,6 +163,18 @@ def test_diversity_zero_is_pure_relevance_through_the_api(shop):
         service.settings = service.settings.model_copy(update={"explore_slots": 2})
 
 
+def test_the_relevance_setting_reaches_the_re_ranker(shop):
+    _, service = shop
+    assert service.rerank_config().relevance == "minmax"
+    old = service.settings
+    service.settings = old.model_copy(update={"diversity_relevance": "probability", "diversity_mode": "dpp"})
+    try:
+        cfg = service.rerank_config()
+        assert (cfg.relevance, cfg.mode) == ("probability", "dpp")
+    finally:
+        service.settings = old
+
+
 def test_request_filters_and_exclusions_hold_and_contradictions_are_4xx(shop):
     client, service = shop
     user = str(service.events["user_id"].iloc[0])
