@@ -9,7 +9,8 @@ leave-one-out training part, or (`--model generative --model-dir DIR`) a saved g
 part (`dragonrec train sft ... --set refit_with_valid=false`, so that validation stays held out) proposes its own
 top --pool candidates and scores them; each setting's DiversityReranker re-ranks the same scored candidate
 lists of fixed random samples of validation and test users (history excluded; the pipeline runs once,
-`Recorder`). Item vectors are the dense source's MiniLM text embeddings (cached under --cache-dir). The fixed settings in SETTINGS are reported as they are; the sweep
+`Recorder`). Item vectors are the dense source's MiniLM text embeddings (cached under --cache-dir). The fixed
+settings in SETTINGS are reported as they are; the sweep
 (mode x novelty x diversity knob) is run on both splits, the setting that comes closest to the goal (NDCG@10
 loss <= 2 %, embedding ILD +25 %, catalog coverage +50 %) is chosen on VALIDATION only, and test is reported.
 """
@@ -62,9 +63,11 @@ PROBABILITY_FAMILIES = {f"p-{k}": v for k, v in FAMILIES.items()}
 KNOB_P = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
+GOAL = {"ndcg@10": -0.02, "ild_embedding": 0.25, "catalog_coverage": 0.50}
+
+
 def knob(family: str) -> tuple[float, ...]:
     return KNOB_P if family.startswith("p-") else KNOB
-GOAL = {"ndcg@10": -0.02, "ild_embedding": 0.25, "catalog_coverage": 0.50}
 
 
 def families(model: str) -> dict[str, tuple[str, float]]:
