@@ -495,3 +495,53 @@ def test_event_groups_share_one_transaction_and_count_as_each_group_alone(store:
         store.add_event_groups([events_batch(2, offset=20), [bad]])
     assert store.counts().events == 4
     assert store.add_event_groups([]) == [] and store.add_event_groups([[]]) == [(0, 0)]
+
+
+def _numbered(store: Store) -> dict:
+    """What a store holds, as comparable values: every record with its ingestion number."""
+    out = {}
+    with store.engine.connect() as conn:
+        for t in ("impressions", "impression_items", "events"):
+            rows = conn.execute(text(f"SELECT * FROM {t} ORDER BY 1, 2")).mappings().all()
+            out[t] = [tuple(v for k, v in r.items() if k != "ingested_at") for r in rows]  # wall-clock: differs
+        out["seq"] = conn.execute(text("SELECT value FROM counters")).scalar_one()
+    return out
+
+
+def test_a_postgresql_write_is_one_autocommitted_statement_that_stores_what_the_general_path_does(request):
+    """PostgreSQL writes go as one statement committed on its own (the ingestion counter's lock is held only
+    inside the server, not across the client's round trips); the general path (one transaction, statement by
+    statement: SQLite, and PostgreSQL when events must name a stored request) stores the same records, numbered
+    the same, and answers the same counts, duplicates included."""
+    from sqlalchemy import event as sa_event
+
+    from dragonrec.store.pgtemp import create_database, drop_database
+
+    imp = lambda rid, items: Impression(request_id=rid, user_id="u1", item_ids=items, model_version="v1",
+                                        timestamp=1.7e9, scores=[0.5] * len(items), sources=["model"] * len(items),
+                                        propensities=[1.0] * len(items))
+    writes = [{"impressions": [imp("r1", ["a", "b"]), imp("r2", ["c"])], "events": events_batch(3)},
+              {"impressions": [imp("r1", ["z"]), imp("r3", ["a", "b", "c"])], "events": events_batch(4, offset=2)},
+              {"events": events_batch(2, offset=10)}, {"impressions": [imp("r4", ["b"])]},
+              {"impressions": [imp("r4", ["b"])], "events": events_batch(1, offset=10)}]  # all duplicates
+    url = request.getfixturevalue("postgres_url")
+    admin = request.getfixturevalue("postgres_admin_url")
+    name = f"general_{int(time.time() * 1e6)}"
+    general_url = create_database(admin, name)
+    request.addfinalizer(lambda: drop_database(admin, name))
+    with Store.open(url) as one, Store.open(general_url, config=StoreConfig(require_known_request=True)) as general:
+        statements = []
+        sa_event.listen(one.engine, "before_cursor_execute",
+                        lambda conn, cur, stmt, params, ctx, many: statements.append(conn.in_transaction()))
+        for w in writes:
+            statements.clear()
+            got = one.write(**w)
+            if got.events_accepted + got.impressions_accepted + got.events_duplicate + got.impressions_duplicate:
+                assert len(statements) == 1
+            assert got == general.write(**w)
+        a, b = _numbered(one), _numbered(general)
+        assert a == b and a["seq"] == 16  # duplicates use up their numbers too, on both paths
+        assert [r[-1] for r in a["impressions"]] == [1, 2, 7, 14]  # each write numbers impressions, then events
+        stored_items = {(r[0], r[1]): r[2] for r in a["impression_items"]}
+        assert stored_items[("r1", 0)] == "a" and ("r1", 1) in stored_items  # the first r1 kept, its slots too
+        assert len(a["impression_items"]) == 2 + 1 + 3 + 1

@@ -17,7 +17,20 @@ from typing import Any, Self
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, Select, Table, bindparam, cast, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    Table,
+    bindparam,
+    cast,
+    func,
+    literal,
+    select,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -55,6 +68,50 @@ def _insert_stmt(backend: str, table: Table, cols: tuple[str, ...], key: str | N
     if key is None:
         return stmt
     return stmt.on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
+
+
+def _unnest(table: Table, cols: tuple[str, ...], prefix: str):
+    """The rows of array parameters `<prefix><column>` as a derived table, numbered from 1 (`ord`)."""
+    arrays = [cast(bindparam(f"{prefix}{c}", type_=ARRAY(table.c[c].type)), ARRAY(table.c[c].type)) for c in cols]
+    return func.unnest(*arrays).table_valued(*cols, with_ordinality="ord").render_derived()
+
+
+@functools.cache
+def _pg_write_stmt(imp_cols: tuple[str, ...], slot_cols: tuple[str, ...], ev_cols: tuple[str, ...]):
+    """A whole write as ONE PostgreSQL statement (data-modifying CTEs): take `n` ingestion numbers from the
+    counter, insert the impressions (`i_<column>` arrays) and, of those newly inserted, their slots (`s_<column>`),
+    then the events (`e_<column>`), numbered in that order as `Store._write` numbers them. It answers one row
+    per inserted record: ("i", request_id) or ("e", event_id).
+
+    Sent alone (autocommit), the counter row's lock is held only inside the server, from the update to the
+    commit: never while the client waits for its next round trip (a busy interpreter's GIL), which serialised
+    concurrent writers behind the slowest of them (docs/load.md)."""
+    seq = (update(counters_t).where(counters_t.c.name == INGEST_COUNTER)
+           .values(value=counters_t.c.value + bindparam("n"))
+           .returning((counters_t.c.value - bindparam("n")).label("base")).cte("seq"))
+    stamp = bindparam("now", type_=impressions_t.c.ingested_at.type)
+    parts, ctes = [], []
+    if imp_cols:
+        src = _unnest(impressions_t, imp_cols, "i_")
+        rows = select(*[src.c[c] for c in imp_cols], stamp, seq.c.base + src.c.ord).select_from(src).join(seq, true())
+        new_imp = (postgresql.insert(impressions_t).from_select([*imp_cols, "ingested_at", "ingest_seq"], rows)
+                   .on_conflict_do_nothing(index_elements=["request_id"]).returning(impressions_t.c.request_id)
+                   .cte("new_imp"))
+        parts.append(select(literal("i").label("kind"), new_imp.c.request_id.label("key")))
+        if slot_cols:
+            slots = _unnest(slots_t, slot_cols, "s_")
+            ctes.append(postgresql.insert(slots_t).from_select(
+                list(slot_cols), select(*[slots.c[c] for c in slot_cols])
+                .where(slots.c.request_id.in_(select(new_imp.c.request_id)))).cte("new_slots"))
+    if ev_cols:
+        src = _unnest(events_t, ev_cols, "e_")
+        first = seq.c.base + bindparam("n_imp") + src.c.ord
+        rows = select(*[src.c[c] for c in ev_cols], stamp, first).select_from(src).join(seq, true())
+        new_ev = (postgresql.insert(events_t).from_select([*ev_cols, "ingested_at", "ingest_seq"], rows)
+                  .on_conflict_do_nothing(index_elements=["event_id"]).returning(events_t.c.event_id).cte("new_ev"))
+        parts.append(select(literal("e").label("kind"), new_ev.c.event_id.label("key")))
+    stmt = parts[0] if len(parts) == 1 else union_all(*parts)
+    return stmt.add_cte(*ctes) if ctes else stmt
 
 # Columns of the event tables the reads return: the canonical ones, then the store's own.
 EVENT_READ_COLUMNS = (*EVENT_COLUMNS, "event_id", "ingested_at", "ingest_seq")
@@ -203,6 +260,10 @@ class Store:
         imp_rows, imp_repeats = _first_of_each(imp_rows, lambda r: r[0]["request_id"])
         if not ev_rows and not imp_rows:
             return WriteResult(events_duplicate=ev_repeats, impressions_duplicate=imp_repeats), []
+        if self.backend == "postgresql" and not self.config.require_known_request:
+            imp_new, ev_new = self._write_one_statement(ev_rows, imp_rows)
+            return WriteResult(len(ev_new), len(ev_rows) - len(ev_new) + ev_repeats,
+                               imp_new, len(imp_rows) - imp_new + imp_repeats), ev_new
         with self.engine.begin() as conn:
             seq = self._take_seq(conn, len(ev_rows) + len(imp_rows))
             now = time.time()
@@ -222,6 +283,23 @@ class Store:
                 ev_new = self._insert_new(conn, events_t, rows, "event_id")
         return WriteResult(len(ev_new), len(ev_rows) - len(ev_new) + ev_repeats,
                            imp_new, len(imp_rows) - imp_new + imp_repeats), ev_new
+
+    def _write_one_statement(self, ev_rows: list[dict], imp_rows: list) -> tuple[int, list]:
+        """PostgreSQL: the write as one statement in its own transaction (`_pg_write_stmt`): (impressions
+        inserted, event ids inserted). Records and numbering as the general path's."""
+        slots = [s for _, items in imp_rows for s in items]
+        imps = [r for r, _ in imp_rows]
+        cols = {}
+        for name, table, rows in (("i", impressions_t, imps), ("s", slots_t, slots), ("e", events_t, ev_rows)):
+            cols[name] = tuple(c.name for c in table.columns if rows and c.name in rows[0]
+                               and c.name not in ("ingested_at", "ingest_seq"))
+        params: dict[str, Any] = {"n": len(imps) + len(ev_rows), "n_imp": len(imps), "now": time.time()}
+        for name, rows in (("i", imps), ("s", slots), ("e", ev_rows)):
+            params.update({f"{name}_{c}": [r[c] for r in rows] for c in cols[name]})
+        stmt = _pg_write_stmt(cols["i"], cols["s"], cols["e"])
+        with self.engine.connect() as conn:  # autocommit: one round trip, committed when the statement ends
+            inserted = conn.execution_options(isolation_level="AUTOCOMMIT").execute(stmt, params).all()
+        return sum(kind == "i" for kind, _ in inserted), [key for kind, key in inserted if kind == "e"]
 
     def _insert_new(self, conn: Connection, table: Table, rows: list[dict], key: str | None) -> list:
         """INSERT ... ON CONFLICT (key) DO NOTHING; returns the keys of the rows it inserted.
