@@ -11,6 +11,7 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -93,8 +94,15 @@ BODY = (400, 413, 422)
 
 
 # -- dependencies ------------------------------------------------------------------------------------------
+# The dependencies are `async def`: FastAPI runs a plain `def` dependency on its thread pool, and each such hop
+# is a thread hand-off that waits for the GIL under load. None of these blocks, so they run on the event loop;
+# the hot routes make one explicit hop for the work that does block (`run_in_threadpool`).
 def service_of(request: Request) -> Service:
     return request.app.state.service
+
+
+async def _service(request: Request) -> Service:
+    return service_of(request)
 
 
 def api_key_of(request: Request) -> str | None:
@@ -106,8 +114,13 @@ def api_key_of(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """401 without a key, 403 with a wrong one; no key configured on the server refuses every request."""
+    check_api_key(request)
+
+
+def check_api_key(request: Request) -> None:
+    """`require_api_key`'s check."""
     service = service_of(request)
     if not service.settings.api_keys:
         raise AuthError("this server has no API key configured (set DRAGONREC_API_KEY): keyed routes are off")
@@ -118,9 +131,9 @@ def require_api_key(request: Request) -> None:
         raise Forbidden("the API key is not valid")
 
 
-def recommend_key(request: Request) -> None:
+async def recommend_key(request: Request) -> None:
     if service_of(request).settings.recommend_requires_key:
-        require_api_key(request)
+        check_api_key(request)
 
 
 def request_origin(request: Request) -> str | None:
@@ -135,7 +148,7 @@ def request_origin(request: Request) -> str | None:
     return origin.rstrip("/") if origin and origin != "null" else None
 
 
-def require_shop_origin(request: Request) -> None:
+async def require_shop_origin(request: Request) -> None:
     """The storefront's routes take requests from the shop's own pages only: an Origin (or Referer) that is
     the server's own origin or one of `settings.storefront_origins`."""
     allowed = set(service_of(request).settings.storefront_origins)
@@ -164,7 +177,7 @@ def visitor_of(request: Request) -> str:
     return visitor
 
 
-def limit_visitor(request: Request) -> None:
+async def limit_visitor(request: Request) -> None:
     """The storefront's open routes are rate-limited per visitor (per client address without a cookie)."""
     limiter = getattr(request.app.state, "shop_limiter", None)
     if limiter is None:
@@ -179,7 +192,7 @@ def limit_visitor(request: Request) -> None:
 
 
 Keyed = [Depends(require_api_key)]
-ServiceDep = Annotated[Service, Depends(service_of)]
+ServiceDep = Annotated[Service, Depends(_service)]
 
 router = APIRouter()
 
@@ -187,22 +200,23 @@ router = APIRouter()
 # -- recommend, events --------------------------------------------------------------------------------------
 @router.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"],
              dependencies=[Depends(recommend_key)], responses=refusals(*KEYED, *BODY))
-def recommend(body: RecommendRequest, service: ServiceDep, request: Request) -> RecommendResponse:
+async def recommend(body: RecommendRequest, service: ServiceDep, request: Request) -> RecommendResponse:
     """A list for one user; the impression (what was shown, by which version) is stored before the answer.
     Send `request_id` back with every event that answers the list."""
-    resp = service.recommend(body)
+    resp = await run_in_threadpool(service.recommend, body)
     request.app.state.metrics.recommendations.labels(resp.model_version, str(resp.cold).lower()).inc()
     return resp
 
 
 @router.post("/v1/events", response_model=IngestResult, tags=["events"], dependencies=Keyed,
              responses=refusals(*KEYED, *BODY))
-def post_events(body: EventsIn, service: ServiceDep, request: Request) -> IngestResult:
+async def post_events(body: EventsIn, service: ServiceDep, request: Request) -> IngestResult:
     """Store a batch of events (all or nothing); an `event_id` already stored is counted as a duplicate."""
-    return _ingest(service, request, body.events, "/v1/events")
+    return await run_in_threadpool(_ingest, service, request, body.events, "/v1/events")
 
 
 def _ingest(service: Service, request: Request, events: list[EventIn], route: str) -> IngestResult:
+    """Store the events and count them (blocks: a route calls it on the thread pool)."""
     result = service.ingest(events)
     metrics = request.app.state.metrics
     metrics.events.labels("all", route).inc(result.accepted)
@@ -323,7 +337,7 @@ class ShopEventsIn(Input):
 
 @router.post("/shop/events", response_model=IngestResult, tags=["storefront"],
              dependencies=[Depends(require_shop_origin), Depends(limit_visitor)], responses=refusals(403, *BODY, 429))
-def shop_events(body: ShopEventsIn, service: ServiceDep, request: Request) -> IngestResult:
+async def shop_events(body: ShopEventsIn, service: ServiceDep, request: Request) -> IngestResult:
     """Events from the storefront's pages (no key: the shop's origin only; the visitor from its cookie)."""
     visitor = visitor_of(request)
     events = []
@@ -331,16 +345,17 @@ def shop_events(body: ShopEventsIn, service: ServiceDep, request: Request) -> In
         if e.user_id is not None and e.user_id != visitor:
             raise Forbidden(f"events[{i}].user_id: a page may only report its own visitor's events")
         events.append(EventIn(**{**e.model_dump(), "user_id": visitor}))
-    return _ingest(service, request, events, "/shop/events")
+    return await run_in_threadpool(_ingest, service, request, events, "/shop/events")
 
 
 @router.post("/shop/recommend", response_model=RecommendResponse, tags=["storefront"],
              dependencies=[Depends(require_shop_origin), Depends(limit_visitor)], responses=refusals(403, *BODY, 429))
-def shop_recommend(body: ShopRecommendRequest, service: ServiceDep, request: Request) -> RecommendResponse:
+async def shop_recommend(body: ShopRecommendRequest, service: ServiceDep, request: Request) -> RecommendResponse:
     """A list for the visitor of the `dragonrec_visitor` cookie (the shop's origin only)."""
     visitor = visitor_of(request)
     if body.user_id is not None and body.user_id != visitor:
         raise Forbidden("user_id: a page may only ask for its own visitor's list")
-    resp = service.recommend(RecommendRequest(**{**body.model_dump(exclude={"user_id"}), "user_id": visitor}))
+    resp = await run_in_threadpool(
+        service.recommend, RecommendRequest(**{**body.model_dump(exclude={"user_id"}), "user_id": visitor}))
     request.app.state.metrics.recommendations.labels(resp.model_version, str(resp.cold).lower()).inc()
     return resp
