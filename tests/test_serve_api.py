@@ -5,6 +5,7 @@ and ingestion on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -451,3 +452,13 @@ def test_rate_limiter_refills_over_time():
     lim.check("k")
     with pytest.raises(ValueError):
         RateLimiter(per_minute=0, burst=1)
+
+
+def test_the_switch_interval_setting_holds_while_the_app_serves_and_is_restored_after(data_dir, tmp_path):
+    before = sys.getswitchinterval()
+    with TestClient(create_app(settings_for(data_dir, tmp_path / "state", switch_interval_ms=0.5))) as c:
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert recommend(c, new_user(), n=3)["cold"] is True
+    assert sys.getswitchinterval() == before
+    with TestClient(create_app(settings_for(data_dir, tmp_path / "state2"))):
+        assert sys.getswitchinterval() == before  # unset: Python's own

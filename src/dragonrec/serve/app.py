@@ -13,6 +13,7 @@ first request is answered.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from contextlib import asynccontextmanager
 
@@ -49,6 +50,9 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        interval = sys.getswitchinterval()
+        if settings.switch_interval_ms is not None:
+            sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
         await run_in_threadpool(service.start)
         stop = threading.Event()
         if service.loop is not None and settings.loop_every_s:
@@ -61,6 +65,7 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
             stop.set()
             if own:
                 await run_in_threadpool(service.close)
+            sys.setswitchinterval(interval)
 
     app = FastAPI(title="dragonrec", version="1", lifespan=lifespan,
                   summary="Recommendations, feedback events, catalog and model versions of a dragonrec shop.")

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(0.0, ge=0.0, le=100.0)
     """Longest a request waits for others to join its pass. 0: no wait, a pass takes the requests that
     queued while the last one ran (batches still grow under load, and a lone request never waits)."""
+    switch_interval_ms: float | None = Field(None, gt=0.0, le=100.0)
+    """The interpreter's thread switch interval while the app serves (`sys.setswitchinterval`); None keeps
+    Python's 5 ms. A worker's event loop waits up to this long for the GIL each time it has to read or answer a
+    request while a request thread computes, so a shorter interval shortens queueing under load
+    (docs/load.md)."""
     diversity_mode: Literal["mmr", "dpp"] = "mmr"
     """How `diversity` spreads a list: maximal marginal relevance or a greedy DPP over item text vectors."""
     diversity_relevance: Literal["minmax", "probability"] = "minmax"
