@@ -348,6 +348,8 @@ def run(args, data: Path, model_dir: Path | None, cache_dir: Path, work: Path) -
            "DRAGONREC_BATCH_INFERENCE": str(not args.no_batching).lower(),
            "DRAGONREC_BATCH_MAX_WAIT_MS": str(args.batch_wait_ms),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if args.switch_interval_ms is not None:
+        env["DRAGONREC_SWITCH_INTERVAL_MS"] = str(args.switch_interval_ms)
     if model_dir is not None:
         Registry(state / "registry").register(model_dir, method="sft", activate=True, note="bench_load")
     pg = TempPostgres(fsync=True)
@@ -511,6 +513,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core)")
     p.add_argument("--no-batching", action="store_true", help="serve with batch_inference off")
     p.add_argument("--batch-wait-ms", type=float, default=0.0)
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="the server's thread switch interval (setting switch_interval_ms; default Python's 5 ms)")
     p.add_argument("--profile", type=int, default=0, help="profile this many requests in-process instead")
     p.add_argument("--profile-threads", type=int, default=0,
                    help="with --profile: then as many requests again from this many threads")
@@ -525,6 +529,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "loadavg_start": os.getloadavg()},
               "catalog": args.catalog, "workers": args.workers, "batching": not args.no_batching, "batch_wait_ms": args.batch_wait_ms,
+              "switch_interval_ms": args.switch_interval_ms,
               "bounds": {"requests_per_level": args.requests, "seconds_per_level": args.seconds,
                          "max_in_flight": args.max_in_flight}}
     try:

@@ -91,6 +91,13 @@ def test_health_openapi_and_metrics(client, service):
     assert 'dragonrec_model_version_info{version="popularity"} 1.0' in text
     assert 'dragonrec_events_ingested_total{action="all",route="/v1/events"}' in text
     assert "dragonrec_catalog_items" in text and API_KEY not in text
+    # Where a recommend request's time went, stage by stage (one observation per stage and list).
+    lists = [float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith('dragonrec_recommendations_total{')]
+    for stage in ("history", "pipeline", "impression"):
+        count = [float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith(f'dragonrec_recommend_stage_seconds_count{{stage="{stage}"}}')]
+        assert count == [sum(lists)] and sum(lists) >= 1
 
 
 # -- recommend ------------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
     app.state.service = service
     app.state.settings = settings
     app.state.metrics = Metrics(service)
+    service.on_stage = lambda stage, seconds: app.state.metrics.stages.labels(stage).observe(seconds)
     app.state.shop_limiter = RateLimiter(settings.shop_rate_per_minute, settings.shop_burst)
     app.include_router(router)
     storefront = _storefront()

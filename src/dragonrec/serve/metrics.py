@@ -28,6 +28,10 @@ class Metrics:
         self.events = Counter("dragonrec_events_ingested", "Events newly stored, by action and route",
                               ["action", "route"], registry=r)
         self.duplicates = Counter("dragonrec_events_duplicate", "Events already stored (retries)", registry=r)
+        self.stages = Histogram("dragonrec_recommend_stage_seconds",
+                                "Time of a recommend request's stages: the history read, the pipeline (candidates, "
+                                "scoring, re-rank; waiting for a shared batch included) and the impression's write",
+                                ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.recommendations = Counter("dragonrec_recommendations", "Lists served, by model version and cold start",
                                        ["model_version", "cold"], registry=r)
         if service is not None:

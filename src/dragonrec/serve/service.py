@@ -33,6 +33,7 @@ import traceback
 import uuid
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol, Self
 
@@ -165,6 +166,8 @@ class Service:
         self._failed: str | None = None  # the version whose load failed last (not retried until asked)
         self._log_size = 0  # bytes of the catalog change log last replayed (changes by other processes)
         self.load_counts: Counter = Counter()  # "ok" / "failed" model loads, for /metrics
+        # Called with (stage, seconds) for each stage of a recommend request (the app's /metrics histogram).
+        self.on_stage: Callable[[str, float], None] | None = None
         self._loop_lock = threading.Lock()
         self._loop_state: dict[str, Any] = {"running": False}
 
@@ -358,7 +361,9 @@ class Service:
             if unknown:
                 raise Invalid(f"{where}: unknown item {unknown[0]!r}")
         now = time.time()
+        t0 = time.perf_counter()
         history, actions, demoted = self._history_for(req.user_id, st.catalog, now)
+        t1 = time.perf_counter()
         try:
             filters, excluded_ids = request_filters(req.filters)
         except ValueError as e:
@@ -370,8 +375,10 @@ class Service:
         context = RequestContext(item_id=ctx.item_id, cart=list(ctx.cart), preferences=ctx.preferences_obj(),
                                  diversity=req.diversity, filters=filters)  # None: the settings' knob
         # A cold user's exploration slots vary by user (stable for one user across pages).
+        t2 = time.perf_counter()
         recs = sv.pipeline.recommend_for(history, actions, fetch, context, exclude=exclude.tolist(),
                                          seed=zlib.crc32(req.user_id.encode()))
+        t3 = time.perf_counter()
         if s.explore_slots > 0:
             chosen, propensities, _ = bandit_explore(list(recs)[:n], list(recs), self.exposure, s.explore_slots,
                                                      s.explore_share, s.explore_pool, s.explore_max_shown)
@@ -383,10 +390,14 @@ class Service:
             request_id=request_id, user_id=req.user_id, item_ids=[r.item_id for r in chosen],
             model_version=sv.version, pipeline=label, timestamp=now, scores=[float(r.score) for r in chosen],
             sources=[r.source for r in chosen], propensities=propensities)
+        t4 = time.perf_counter()
         if self._impressions is None:
             self.store.add_impression(impression)
         else:
             self._impressions.submit([impression])
+        if self.on_stage is not None:
+            for stage, seconds in (("history", t1 - t0), ("pipeline", t3 - t2), ("impression", time.perf_counter() - t4)):
+                self.on_stage(stage, seconds)
         return RecommendResponse(
             request_id=request_id, model_version=sv.version, cold=recs.cold,
             items=[RecommendedItem(item_id=r.item_id, score=finite(r.score), source=r.source, reason=r.reason)
