@@ -60,9 +60,8 @@ def _insert_stmt(backend: str, table: Table, cols: tuple[str, ...], key: str | N
     `a_<column>`; on SQLite a plain insert run with a list of rows. ON CONFLICT (key) DO NOTHING RETURNING key
     when `key` is given."""
     if backend == "postgresql":
-        arrays = [cast(bindparam(f"a_{c}", type_=ARRAY(table.c[c].type)), ARRAY(table.c[c].type)) for c in cols]
-        source = func.unnest(*arrays).table_valued(*cols).render_derived()
-        stmt = postgresql.insert(table).from_select(list(cols), select(*source.c))
+        source = _unnest(table, cols, "a_")
+        stmt = postgresql.insert(table).from_select(list(cols), select(*[source.c[c] for c in cols]))
     else:
         stmt = sqlite.insert(table)
     if key is None:
@@ -70,8 +69,14 @@ def _insert_stmt(backend: str, table: Table, cols: tuple[str, ...], key: str | N
     return stmt.on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
 
 
+def _columns(table: Table, rows: list[dict], skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The table's columns the rows carry (the first row's keys), in table order, less `skip`; () for no rows."""
+    return tuple(c.name for c in table.columns if rows and c.name in rows[0] and c.name not in skip)
+
+
 def _unnest(table: Table, cols: tuple[str, ...], prefix: str):
-    """The rows of array parameters `<prefix><column>` as a derived table, numbered from 1 (`ord`)."""
+    """The rows of array parameters `<prefix><column>` (one array per column, typed as the table's column) as a
+    derived table, numbered from 1 (`ord`)."""
     arrays = [cast(bindparam(f"{prefix}{c}", type_=ARRAY(table.c[c].type)), ARRAY(table.c[c].type)) for c in cols]
     return func.unnest(*arrays).table_valued(*cols, with_ordinality="ord").render_derived()
 
@@ -289,10 +294,8 @@ class Store:
         inserted, event ids inserted). Records and numbering as the general path's."""
         slots = [s for _, items in imp_rows for s in items]
         imps = [r for r, _ in imp_rows]
-        cols = {}
-        for name, table, rows in (("i", impressions_t, imps), ("s", slots_t, slots), ("e", events_t, ev_rows)):
-            cols[name] = tuple(c.name for c in table.columns if rows and c.name in rows[0]
-                               and c.name not in ("ingested_at", "ingest_seq"))
+        cols = {name: _columns(table, rows, skip=("ingested_at", "ingest_seq"))
+                for name, table, rows in (("i", impressions_t, imps), ("s", slots_t, slots), ("e", events_t, ev_rows))}
         params: dict[str, Any] = {"n": len(imps) + len(ev_rows), "n_imp": len(imps), "now": time.time()}
         for name, rows in (("i", imps), ("s", slots), ("e", ev_rows)):
             params.update({f"{name}_{c}": [r[c] for r in rows] for c in cols[name]})
@@ -310,7 +313,7 @@ class Store:
         The statement is built once per table, columns and key (`_insert_stmt`): building it costs more CPU
         than sending it.
         """
-        cols = tuple(c.name for c in table.columns if c.name in rows[0])
+        cols = _columns(table, rows)
         stmt = _insert_stmt(self.backend, table, cols, key)
         if self.backend == "postgresql":
             params = {f"a_{c}": [r[c] for r in rows] for c in cols}
