@@ -186,3 +186,19 @@ def test_the_inference_forward_computes_what_the_hf_backbone_does(arch):
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
     torch.testing.assert_close(one, model.lm.model(inputs_embeds=model.embeddings(ids[1:2, :1])).last_hidden_state,
                                rtol=0, atol=1e-6)
+
+
+def test_the_cold_heads_text_query_at_the_last_token_is_the_full_querys_row():
+    """Scoring reads the cold head's text query only at each row's last real token (`text_query(at=...)`): the
+    same vectors as the query of every position, read there; gradients reach the learned decay either way."""
+    torch.manual_seed(0)
+    tok = ItemTokenizer.from_train(np.arange(8), n_catalog=8, with_all_items=True)
+    text = np.random.default_rng(0).normal(size=(tok.n_items, 384)).astype(np.float32)
+    model = SeqRecLM(tiny_cfg(use_text=True, cold_head=True), tok.n_items, tok.n_trained, text_emb=text)
+    ids = pad_batch([tok.encode(np.array([1, 2, 3, 4, 5])), tok.encode(np.array([6])), tok.encode(np.array([0, 7]))])
+    last = (ids != 0).sum(dim=1) - 1
+    full = model.text_query(ids)[torch.arange(3), last]
+    at = model.text_query(ids, at=last)
+    torch.testing.assert_close(at, full, rtol=0, atol=1e-6)
+    at.sum().backward()
+    assert model.cold_decay.grad is not None and model.cold_decay.grad.abs().sum() > 0

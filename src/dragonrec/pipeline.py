@@ -50,7 +50,7 @@ from dragonrec.recommenders import build
 from dragonrec.recommenders.base import Recommender
 from dragonrec.rerank import DiversityReranker, Filters, RerankConfig, Reranker, RerankRequest
 from dragonrec.schema import Action, parse_action, positive_mask
-from dragonrec.scorers.base import ItemView, Scorer, ScoreRequest, ScoreResult, Usage
+from dragonrec.scorers.base import ItemViews, Scorer, ScoreRequest, ScoreResult, Usage, item_indices
 from dragonrec.text import catalog_texts
 
 DEFAULT_QUOTAS: dict[str, int] = {"dense": 100, "cooccurrence": 100, "model": 100, "popularity": 50}
@@ -458,7 +458,7 @@ class Pipeline(Recommender):
                 if fallback is None:
                     results.append(ScoreResult.fallback(len(r.candidates), f"{budget}: retrieval order"))
                     continue
-                s = fallback[i, [c.idx for c in r.candidates]].astype(np.float32)
+                s = fallback[i, item_indices(r.candidates)].astype(np.float32)
                 results.append(ScoreResult(np.where(np.isfinite(s), s, np.nan).astype(np.float32),
                                            [None] * len(s), True, f"{budget}: ranked by {by}"))
         except Exception as e:  # noqa: BLE001 - a scorer must never take the request down: retrieval order
@@ -491,12 +491,10 @@ class Pipeline(Recommender):
     def _request(self, history, actions, items, fused, prefs) -> ScoreRequest:
         m = self.cfg.scorer_history
         hist = np.asarray(history, dtype=np.int64)[-m:] if m else np.zeros(0, np.int64)
-        acts = [None] * len(hist) if actions is None or not len(hist) else list(np.asarray(actions, object)[-len(hist):])
+        acts = None if actions is None or not len(hist) else list(np.asarray(actions, object)[-len(hist):])
         texts = self.texts
-        return ScoreRequest(
-            history=[ItemView(int(i), texts[i], None if x is None else str(x)) for i, x in zip(hist, acts)],
-            candidates=[ItemView(int(i), texts[i]) for i in items],
-            preferences=prefs, retrieval_scores=np.asarray(fused, dtype=np.float32))
+        return ScoreRequest(history=ItemViews(hist, texts, acts), candidates=ItemViews(items, texts),
+                            preferences=prefs, retrieval_scores=np.asarray(fused, dtype=np.float32))
 
     def _finish(self, union: CandidateUnion, i: int, res: ScoreResult | None, banned: np.ndarray,
                 request: RerankRequest) -> _Ranked:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,50 @@ def _backbone_config(cfg: SeqRecConfig, vocab_size: int):
     return LlamaConfig(**kw) if cfg.arch == "llama" else Qwen2Config(**kw)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`LlamaRMSNorm`/`Qwen2RMSNorm` for float32 inputs, without the module call."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
+    biases = [m.bias for m in linears]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(linears, biases)])
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One decoder layer's weights as `SeqRecLM._decoder_inference` reads them."""
+
+    norm1: torch.Tensor
+    eps1: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    head_dim: int
+    scaling: float
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    norm2: torch.Tensor
+    eps2: float
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _LayerWeights:
+        a, mlp = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            return cls(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                       torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                       _cat_bias(a.q_proj, a.k_proj, a.v_proj), a.head_dim, a.scaling, a.o_proj.weight, a.o_proj.bias,
+                       layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                       torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), _cat_bias(mlp.gate_proj, mlp.up_proj),
+                       mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn)
+
+
 class SeqRecLM(nn.Module):
     """A small HF causal LM over the token layout, scored over product tokens only.
 
@@ -314,14 +359,17 @@ class SeqRecLM(nn.Module):
             self._cold_cache = (key, torch.cat([self.cold_proj(self.text_emb), self.text_emb], dim=1))
         return self._cold_cache[1]
 
-    def text_query(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def text_query(self, input_ids: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, text_dim] at each position, the unit-normalised recency-weighted sum of the item texts read so
-        far (decay per token learned): the content query of the cold head."""
+        far (decay per token learned): the content query of the cold head. With `at` [B] (a position per row),
+        only there: [B, text_dim], what scoring reads, without the [B, L, text_dim] of every position."""
         k = input_ids - ITEM_OFFSET
         x = self.text_emb[k.clamp(min=0)] * (k >= 0).unsqueeze(-1)
         t = torch.arange(input_ids.shape[1], device=input_ids.device)
-        lag = (t[:, None] - t[None, :]).float()
-        weights = torch.where(lag >= 0, torch.sigmoid(self.cold_decay) ** lag.clamp(min=0), 0.0)  # [L, L] causal
+        lag = (t[:, None] - t[None, :]).float() if at is None else (at[:, None] - t[None, :]).float()
+        weights = torch.where(lag >= 0, torch.sigmoid(self.cold_decay) ** lag.clamp(min=0), 0.0)  # causal
+        if at is not None:  # [B, L] weights of each row's position
+            return F.normalize(torch.einsum("bs,bsd->bd", weights, x), dim=-1)
         return F.normalize(torch.einsum("ts,bsd->btd", weights, x), dim=-1)
 
     def cold_query(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -379,28 +427,36 @@ class SeqRecLM(nn.Module):
 
     def _decoder_inference(self, emb: torch.Tensor) -> torch.Tensor:
         """The backbone's forward for scoring, without its generic machinery (mask building, cache, output
-        capture, argument checks, about half of a request's forward time at this size): the same modules and
-        operations in the same order as `LlamaModel`/`Qwen2Model` with no mask and no cache, so the same numbers
-        (`tests/test_model.py` compares them)."""
+        capture, argument checks) or module calls: the same operations in the same order as `LlamaModel`/
+        `Qwen2Model` with no mask and no cache, on the layers' own weights, with the query, key and value
+        projections (and the MLP's gate and up projections) as one matrix product each. At this size a request's
+        forward is mostly per-call overhead: 1.4 -> 0.7 ms for a 12-token history (docs/load.md);
+        `tests/test_model.py` compares it with the backbone."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         backbone = self.lm.model
         B, L, _ = emb.shape
-        positions = torch.arange(L, device=emb.device).unsqueeze(0)
-        cos, sin = backbone.rotary_emb(emb, position_ids=positions)
+        cos, sin = backbone.rotary_emb(emb, position_ids=torch.arange(L, device=emb.device).unsqueeze(0))
         x = emb
-        for layer in backbone.layers:
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            shape = (B, L, -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+        for w in self._inference_weights():
+            qkv = F.linear(_rms_norm(x, w.norm1, w.eps1), w.qkv, w.qkv_bias)
+            q, k, v = qkv.view(B, L, 3, -1, w.head_dim).permute(2, 0, 3, 1, 4)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=attn.scaling, is_causal=L > 1)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, L, -1).contiguous())
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return backbone.norm(x)
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=w.scaling, is_causal=L > 1)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, L, -1), w.o, w.o_bias)
+            gate, up = F.linear(_rms_norm(x, w.norm2, w.eps2), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(w.act(gate) * up, w.down, w.down_bias)
+        return _rms_norm(x, backbone.norm.weight, backbone.norm.variance_epsilon)
+
+    def _inference_weights(self) -> list[_LayerWeights]:
+        """Each decoder layer's weights for `_decoder_inference`, the fused ones concatenated once and kept until a
+        parameter changes (an optimizer step or `load_state_dict` bumps its version; `.to()` moves its storage)."""
+        if getattr(self, "_layer_params", None) is None:  # walking the modules costs more than the forward
+            self._layer_params = list(self.lm.model.layers.parameters())
+        key = tuple((p._version, p.data_ptr()) for p in self._layer_params)
+        if getattr(self, "_layer_cache", (None,))[0] != key:
+            self._layer_cache = (key, [_LayerWeights.of(layer) for layer in self.lm.model.layers])
+        return self._layer_cache[1]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean full-softmax cross-entropy over trained product tokens, only at positions with a target.
@@ -430,7 +486,7 @@ class SeqRecLM(nn.Module):
         rows, last = torch.arange(len(h), device=h.device), lengths.to(h.device) - 1
         if not with_query:
             return h[rows, last]
-        return h[rows, last], self.cold_query(h[rows, last], self.text_query(input_ids)[rows, last])
+        return h[rows, last], self.cold_query(h[rows, last], self.text_query(input_ids, at=last))
 
     def score_items(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None,
                     extra_text: torch.Tensor | None = None) -> torch.Tensor:

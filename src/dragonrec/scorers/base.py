@@ -26,12 +26,63 @@ class ItemView:
     action: str | None = None  # for history entries: what the user did
 
 
+class ItemViews(Sequence[ItemView]):
+    """Items as a scorer sees them, built only when read: a model scorer reads `indices` (and `actions`) and never
+    the texts, so a request's hundreds of candidates cost it no `ItemView` objects; a language-model scorer
+    iterates the views as from a list."""
+
+    __slots__ = ("_texts", "_views", "actions", "indices")
+
+    def __init__(self, indices: np.ndarray, texts: Sequence[str], actions: Sequence[str | None] | None = None):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.actions = None if actions is None else [None if a is None else str(a) for a in actions]
+        if self.actions is not None and len(self.actions) != len(self.indices):
+            raise ValueError(f"{len(self.actions)} actions for {len(self.indices)} items")
+        self._texts = texts
+        self._views: list[ItemView] | None = None
+
+    def _all(self) -> list[ItemView]:
+        if self._views is None:
+            acts = self.actions or [None] * len(self.indices)
+            self._views = [ItemView(int(i), self._texts[i], a) for i, a in zip(self.indices, acts)]
+        return self._views
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        return self._all()[k]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"ItemViews({len(self)} items)"
+
+
+def item_indices(views: Sequence[ItemView]) -> np.ndarray:
+    """[n] catalog indices of `views` (read without building views when they are `ItemViews`)."""
+    if isinstance(views, ItemViews):
+        return views.indices
+    return np.asarray([v.idx for v in views], dtype=np.int64)
+
+
+def item_actions(views: Sequence[ItemView]) -> list[str | None]:
+    """Each view's action (None where there is none)."""
+    if isinstance(views, ItemViews):
+        return views.actions or [None] * len(views)
+    return [v.action for v in views]
+
+
 @dataclass
 class ScoreRequest:
     """One user's scoring job: history oldest first, candidates in retrieval order."""
 
-    history: list[ItemView]
-    candidates: list[ItemView]
+    history: Sequence[ItemView]  # a list, or `ItemViews` (built only when read)
+    candidates: Sequence[ItemView]
     preferences: Preferences | None = None
     retrieval_scores: np.ndarray | None = None  # [K] similarities, aligned with candidates
 

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dragonrec.scorers.base import Scorer, ScoreRequest, ScoreResult, Usage
+from dragonrec.scorers.base import Scorer, ScoreRequest, ScoreResult, Usage, item_actions, item_indices
 
 
 class ScoresCatalog(Protocol):
@@ -34,8 +34,8 @@ class ModelScorer(Scorer):
         if not requests:
             return []
         t0 = time.perf_counter()
-        histories = [np.asarray([h.idx for h in r.history], dtype=np.int64) for r in requests]
-        actions = [np.asarray([h.action or "purchase" for h in r.history], dtype=object) for r in requests]
+        histories = [item_indices(r.history) for r in requests]
+        actions = [np.asarray([a or "purchase" for a in item_actions(r.history)], dtype=object) for r in requests]
         try:
             full = np.asarray(self.model.score(histories, actions), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 - a broken model must not take the request down: fall back to retrieval
@@ -44,7 +44,7 @@ class ModelScorer(Scorer):
         per = (time.perf_counter() - t0) / len(requests)
         out = []
         for b, r in enumerate(requests):
-            cand = np.asarray([c.idx for c in r.candidates], dtype=np.int64)
+            cand = item_indices(r.candidates)
             s = full[b, cand].astype(np.float32)
             s = np.where(np.isfinite(s), s, np.nan).astype(np.float32)  # -inf = the model cannot score it
             out.append(ScoreResult(s, [f"ranked by {self.model.name}"] * len(cand),
