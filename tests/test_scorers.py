@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from dragonrec.data import Catalog
 from dragonrec.recommenders.base import Recommender
@@ -72,3 +73,20 @@ def test_model_scorer_failure_degrades_instead_of_raising():
 
     (res,) = ModelScorer(Broken().fit(None, catalog())).score_batch([req([1], [2, 3])])
     assert res.degraded and "weights missing" in res.degraded_reason and np.isnan(res.scores).all()
+
+
+def test_item_views_are_built_only_when_a_scorer_reads_them():
+    """The pipeline hands scorers `ItemViews`: a model scorer reads indices and actions without building a view;
+    a language-model scorer iterates them as a list of `ItemView`."""
+    from dragonrec.scorers.base import ItemViews, item_actions, item_indices
+
+    views = ItemViews(np.array([2, 0]), ["a", "b", "c"], ["view", None])
+    assert len(views) == 2 and item_indices(views).tolist() == [2, 0] and item_actions(views) == ["view", None]
+    assert views._views is None  # nothing built yet
+    assert list(views) == [ItemView(2, "c", "view"), ItemView(0, "a", None)] and views[1].text == "a"
+    assert views == [ItemView(2, "c", "view"), ItemView(0, "a", None)]
+    plain = [ItemView(5, "x", "purchase")]
+    assert item_indices(plain).tolist() == [5] and item_actions(plain) == ["purchase"]
+    assert item_actions(ItemViews(np.array([1]), ["p", "q"])) == [None]
+    with pytest.raises(ValueError, match="1 actions for 2 items"):
+        ItemViews(np.array([0, 1]), ["p", "q"], ["view"])
