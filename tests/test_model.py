@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from dragonrec.model import (
     ACTION_OFFSET,
@@ -202,3 +203,38 @@ def test_the_cold_heads_text_query_at_the_last_token_is_the_full_querys_row():
     torch.testing.assert_close(at, full, rtol=0, atol=1e-6)
     at.sum().backward()
     assert model.cold_decay.grad is not None and model.cold_decay.grad.abs().sum() > 0
+
+
+def test_the_inference_forward_follows_weight_changes_and_steps_aside_for_wrapped_layers():
+    """The fused weights of `_decoder_inference` are rebuilt when a parameter changes (an optimizer step, a
+    `load_state_dict`); a projection that is not a plain Linear (an adapter) sends scoring through the backbone."""
+    torch.manual_seed(0)
+    tok = ItemTokenizer.from_train(np.arange(9), n_catalog=9)
+    model = SeqRecLM(tiny_cfg(num_layers=2), tok.n_items).eval()
+    ids = pad_batch([tok.encode(np.array([1, 2, 3])), tok.encode(np.array([4]))])
+
+    def backbone():
+        return model.lm.model(inputs_embeds=model.embeddings(ids)).last_hidden_state
+
+    with torch.no_grad():
+        before = model.hidden_states(ids)
+        torch.testing.assert_close(before, backbone(), rtol=0, atol=1e-6)
+        model.lm.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # in place: the tensor's version moves
+        after = model.hidden_states(ids)
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, backbone(), rtol=0, atol=1e-6)
+        model.load_state_dict({k: v * 0.5 if "q_proj" in k else v for k, v in model.state_dict().items()})
+        torch.testing.assert_close(model.hidden_states(ids), backbone(), rtol=0, atol=1e-6)
+
+    class Scaled(nn.Module):  # a stand-in for an adapter around a projection
+        def __init__(self, inner: nn.Linear):
+            super().__init__()
+            self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
+
+        def forward(self, x):
+            return 2.0 * self.inner(x)
+
+    model.lm.model.layers[0].self_attn.v_proj = Scaled(model.lm.model.layers[0].self_attn.v_proj)
+    assert not model._plain_causal_layers()
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden_states(ids), backbone(), rtol=0, atol=1e-6)

@@ -420,18 +420,21 @@ class SeqRecLM(nn.Module):
 
     def _plain_causal_layers(self) -> bool:
         """Whether `_decoder_inference` computes what the HF backbone does: every layer full causal attention
-        (no sliding window) with as many key/value heads as query heads."""
+        (no sliding window) with as many key/value heads as query heads, and plain linear projections (an adapter
+        such as LoRA wrapping one would be skipped by reading its weights)."""
         c = self.lm.config
         return (c.num_key_value_heads == c.num_attention_heads
-                and all(t == "full_attention" for t in getattr(c, "layer_types", None) or ["full_attention"]))
+                and all(t == "full_attention" for t in getattr(c, "layer_types", None) or ["full_attention"])
+                and all(type(m) is nn.Linear for layer in self.lm.model.layers
+                        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                  layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)))
 
     def _decoder_inference(self, emb: torch.Tensor) -> torch.Tensor:
         """The backbone's forward for scoring, without its generic machinery (mask building, cache, output
         capture, argument checks) or module calls: the same operations in the same order as `LlamaModel`/
         `Qwen2Model` with no mask and no cache, on the layers' own weights, with the query, key and value
-        projections (and the MLP's gate and up projections) as one matrix product each. At this size a request's
-        forward is mostly per-call overhead: 1.4 -> 0.7 ms for a 12-token history (docs/load.md);
-        `tests/test_model.py` compares it with the backbone."""
+        projections (and the MLP's gate and up projections) as one matrix product each: at this size a request's
+        forward is mostly per-call overhead. `tests/test_model.py` compares it with the backbone."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         backbone = self.lm.model
@@ -451,11 +454,12 @@ class SeqRecLM(nn.Module):
     def _inference_weights(self) -> list[_LayerWeights]:
         """Each decoder layer's weights for `_decoder_inference`, the fused ones concatenated once and kept until a
         parameter changes (an optimizer step or `load_state_dict` bumps its version; `.to()` moves its storage)."""
-        if getattr(self, "_layer_params", None) is None:  # walking the modules costs more than the forward
-            self._layer_params = list(self.lm.model.layers.parameters())
-        key = tuple((p._version, p.data_ptr()) for p in self._layer_params)
+        layers = self.lm.model.layers
+        if getattr(self, "_layer_params", (None,))[0] is not layers:  # walking the modules costs more than the forward
+            self._layer_params = (layers, list(layers.parameters()))
+        key = tuple((p._version, p.data_ptr()) for p in self._layer_params[1])
         if getattr(self, "_layer_cache", (None,))[0] != key:
-            self._layer_cache = (key, [_LayerWeights.of(layer) for layer in self.lm.model.layers])
+            self._layer_cache = (key, [_LayerWeights.of(layer) for layer in layers])
         return self._layer_cache[1]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
