@@ -83,8 +83,20 @@ def summary(args) -> None:
         first = json.loads(Path(files["default"][0]).read_text())
         out = {"data": first["dataset"], "recommender": first["recommender"], "split": first["split"]["name"],
                "ties": first["split"]["ties"], "search": None}
+    earlier = json.loads(args.merge.read_text()) if args.merge else None
+    if earlier is not None:
+        mine = (out["data"]["name"], out["recommender"], out["split"], out["ties"])
+        theirs = (earlier["data"]["name"], earlier["recommender"], earlier["split"], earlier["ties"])
+        if mine != theirs:
+            raise SystemExit(f"--merge: {args.merge} is of {theirs}, these reports of {mine}")
+        if out["search"] is None:
+            out["search"] = earlier.get("search")
     for name, paths in files.items():
         runs = [{**compact(json.loads(Path(p).read_text())), "report": p} for p in paths]
+        if earlier is not None:  # the earlier summary's seeds that no report given here replaces
+            seeds = {r["seed"] for r in runs}
+            runs = sorted([r for r in earlier.get(name, {}).get("runs", []) if r["seed"] not in seeds] + runs,
+                          key=lambda r: r["seed"])
         out[name] = {"runs": runs, **(spread(runs) if runs else {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=float))
@@ -158,6 +170,9 @@ def main() -> None:
     su.add_argument("--tuned-config", default=None, help="the search's tuned_config.json (none: defaults only)")
     su.add_argument("--tuned", nargs="+", default=None, help="globs of reports of the tuned configuration")
     su.add_argument("--defaults", nargs="+", required=True, help="globs of reports of the default configuration")
+    su.add_argument("--merge", type=Path, default=None,
+                    help="an earlier summary of the same model, data and split: its seeds that no report given here "
+                         "replaces are kept (reports live in runs/, which is not kept across machines)")
     su.add_argument("--out", type=Path, required=True)
     pa = sub.add_parser("paired", help="B against A case by case on the same split")
     pa.add_argument("--a", nargs="+", required=True, help="globs of A's reports (one per seed)")

@@ -72,6 +72,40 @@ def test_two_models_compare_case_by_case_on_the_same_split(chain_dir, tmp_path):
     assert run.returncode != 0 and "not on one split" in run.stderr
 
 
+def test_a_summary_merges_the_seeds_of_an_earlier_one(chain_dir, tmp_path):
+    """`bench_tune.py summary --merge`: seeds of an earlier summary whose reports are gone are kept beside the new
+    reports (a report of the same seed replaces its earlier run); a summary of another model is refused."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tune.py"
+    reports = []
+    for seed in (0, 1, 2):
+        reports.append(tmp_path / f"cooc_s{seed}.json")
+        result = runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--recommender", "cooccurrence", "--quiet",
+                                     "--seed", str(seed), "--output", str(reports[-1])])
+        assert result.exit_code == 0, result.output
+
+    def summary(*paths, merge=None, out="summary.json"):
+        cmd = [sys.executable, str(bench), "summary", "--defaults", *map(str, paths), "--out", str(tmp_path / out)]
+        run = subprocess.run(cmd + (["--merge", str(tmp_path / merge)] if merge else []), check=False,
+                             capture_output=True, text=True)
+        return run, (json.loads((tmp_path / out).read_text()) if run.returncode == 0 else None)
+
+    run, first = summary(reports[0], reports[1], out="first.json")
+    assert run.returncode == 0, run.stderr
+    reports[0].unlink()  # runs/ is not kept: seed 0's report is gone, its line in the summary stays
+    run, merged = summary(reports[1], reports[2], merge="first.json")
+    assert run.returncode == 0, run.stderr
+    runs = merged["default"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and runs[0] == first["default"]["runs"][0]
+    assert merged["default"]["test_ndcg@10"]["n"] == 3
+    values = [r["test_ndcg@10"] for r in runs]
+    assert merged["default"]["test_ndcg@10"]["mean"] == pytest.approx(sum(values) / 3)
+    other = tmp_path / "pop.json"
+    assert runner.invoke(app, ["evaluate", "--data", str(chain_dir), "--recommender", "popularity", "--quiet",
+                               "--output", str(other)]).exit_code == 0
+    run, _ = summary(other, merge="first.json", out="bad.json")
+    assert run.returncode != 0 and "--merge" in run.stderr
+
+
 def test_evaluate_reports_bad_input_clearly(tmp_path):
     (tmp_path / "interactions.csv").write_text("user_id,item_id\nu,i\n")
     result = runner.invoke(app, ["evaluate", "--data", str(tmp_path)])
