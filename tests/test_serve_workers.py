@@ -52,6 +52,17 @@ def test_serve_with_two_workers_starts_both_and_answers(tmp_path):
             r = client.post("/v1/events", json={"events": [{"user_id": "v", "item_id": "nope", "action": "view"}]},
                             headers={"X-API-Key": API_KEY})  # the key and the catalog reached the workers
             assert r.status_code == 422 and "unknown item" in r.json()["detail"]
+        # /metrics sums every worker's counts, whichever worker answers (fresh connections, both get asked)
+        served = set()
+        for _ in range(6):
+            text = httpx.get(url + "/metrics", timeout=30).text
+            counts = [line for line in text.splitlines()
+                      if line.startswith('dragonrec_request_seconds_count{') and 'route="/v1/recommend"' in line]
+            assert len(counts) == 1 and float(counts[0].split()[-1]) == 8.0, counts
+            served.update(line.split('"')[1] for line in text.splitlines()
+                          if line.startswith("dragonrec_model_version_info{"))
+        assert served  # and the answering worker's serving state
+        assert any((tmp_path / "state").glob("metrics-*/*.db"))  # the workers' shared values
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -320,6 +321,14 @@ def serve(
     env = {"data_dir": settings.data_dir, "store_url": store, "registry_dir": registry, "state_dir": state_dir,
            "settings_file": settings_file}
     os.environ.update({f"DRAGONREC_{k.upper()}": str(v) for k, v in env.items() if v is not None})
+    # The workers' metrics in one place, so /metrics sums them whichever worker answers (dragonrec.serve.metrics):
+    # a directory of this server's own, emptied at start (values of an earlier run would add up otherwise).
+    from dragonrec.serve.metrics import MULTIPROC_ENV
+
+    shared = Path(settings.state_dir) / f"metrics-{settings.port}"
+    shutil.rmtree(shared, ignore_errors=True)
+    shared.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(shared)
     uvicorn.run("dragonrec.serve.app:app_from_env", factory=True, workers=workers, host=settings.host,
                 port=settings.port, log_level="info")
 

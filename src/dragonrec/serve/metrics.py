@@ -2,16 +2,24 @@
 the serving state (active model version, loads, catalog size) read from the service at scrape time.
 
 Each app has its own `CollectorRegistry`, so several apps in one process (tests) never share counters.
+
+Several worker processes (`dragonrec serve --workers N`) share their counters and histograms through
+prometheus_client's multiprocess mode: the command points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory before the
+workers start, each worker writes its values there, and /metrics, whichever worker answers it, sums them over all
+workers (`MultiProcessCollector`). The serving state (model version, loads, catalog size) is the answering
+worker's.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set (by `dragonrec serve --workers N`) before prometheus_client loads
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -34,11 +42,21 @@ class Metrics:
                                 ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.recommendations = Counter("dragonrec_recommendations", "Lists served, by model version and cold start",
                                        ["model_version", "cold"], registry=r)
-        if service is not None:
-            r.register(_ServiceCollector(service))
+        self._state = _ServiceCollector(service) if service is not None else None
+        if self._state is not None:
+            r.register(self._state)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this app's registry, or with several worker processes (PROMETHEUS_MULTIPROC_DIR
+        set), the sum over every worker's values plus this worker's serving state."""
+        shared = os.environ.get(MULTIPROC_ENV)
+        if not shared:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=shared)
+        if self._state is not None:
+            registry.register(self._state)
+        return generate_latest(registry)
 
 
 class _ServiceCollector:
