@@ -144,6 +144,30 @@ class CpuMeter:
                        "loadavg_1m_end": round(os.getloadavg()[0], 2)}
 
 
+def stage_totals(url: str) -> dict[str, tuple[float, float]]:
+    """stage -> (seconds, requests) so far from /metrics' `dragonrec_recommend_stage_seconds`, summed over the
+    workers (they share a PROMETHEUS_MULTIPROC_DIR)."""
+    import httpx
+
+    out: dict[str, list[float]] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for suffix, k in (("_sum{", 0), ("_count{", 1)):
+            if line.startswith("dragonrec_recommend_stage_seconds" + suffix):
+                stage = line.split('stage="')[1].split('"')[0]
+                out.setdefault(stage, [0.0, 0.0])[k] = float(line.split()[-1])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds per request of each stage between two `stage_totals`."""
+    out = {}
+    for stage, (s1, n1) in after.items():
+        s0, n0 = before.get(stage, (0.0, 0.0))
+        if n1 > n0:
+            out[stage] = round(1000 * (s1 - s0) / (n1 - n0), 2)
+    return out
+
+
 async def drain(pid: int, max_s: float = 300.0) -> float:
     """Wait until the server is idle (under 0.1 core over half a second): requests whose client gave up at
     an overloaded level still run to the end in its thread pool and would be charged to the next level.
@@ -352,6 +376,9 @@ def run(args, data: Path, model_dir: Path | None, cache_dir: Path, work: Path) -
         env["DRAGONREC_SWITCH_INTERVAL_MS"] = str(args.switch_interval_ms)
     if model_dir is not None:
         Registry(state / "registry").register(model_dir, method="sft", activate=True, note="bench_load")
+    shared = work / "metrics"  # the workers' shared metrics: /metrics sums them (stage times per level)
+    shared.mkdir(parents=True, exist_ok=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
     pg = TempPostgres(fsync=True)
     env["DRAGONREC_STORE_URL"] = pg.start()
     events = pd.read_parquet(data / "interactions.parquet", columns=["user_id", "item_id"])
@@ -380,20 +407,26 @@ def run(args, data: Path, model_dir: Path | None, cache_dir: Path, work: Path) -
                 k = 0
                 out["recommend_open_loop"] = {}
                 for rate in args.rates:
+                    before = stage_totals(server.url)
                     with cpu:
                         r = await open_loop(client, "/v1/recommend", bodies[k:], rate, args.requests, args.seconds,
                                             args.max_in_flight, args.seed + k)
                     k += r["sent"]
                     out["recommend_open_loop"][str(rate)] = {**r, **cpu.result,
-                                                             "drain_after_s": await drain(server.proc.pid)}
+                                                             "drain_after_s": await drain(server.proc.pid),
+                                                             "stage_mean_ms": stage_means(before,
+                                                                                          stage_totals(server.url))}
                     print(f"recommend {rate}/s: {out['recommend_open_loop'][str(rate)]}", flush=True)
                 out["recommend_closed_loop"] = {}
                 for c in args.concurrency:
+                    before = stage_totals(server.url)
                     with cpu:
                         r = await closed_loop(client, "/v1/recommend", bodies[k:], c, args.requests, args.seconds)
                     k += r["ok"] + sum(r["errors"].values())
                     out["recommend_closed_loop"][str(c)] = {**r, **cpu.result,
-                                                            "drain_after_s": await drain(server.proc.pid)}
+                                                            "drain_after_s": await drain(server.proc.pid),
+                                                            "stage_mean_ms": stage_means(before,
+                                                                                         stage_totals(server.url))}
                     print(f"recommend c={c}: {out['recommend_closed_loop'][str(c)]}", flush=True)
                 out["events_open_loop"] = {}
                 for spec in args.event_levels:
