@@ -69,6 +69,13 @@ def evaluate_tuned(args) -> None:
           f"hr@10 {report['test']['hr@10']:.4f} ({report['fit_seconds']:.0f} s fit)")
 
 
+def _identity(summary: dict) -> tuple:
+    """(dataset, recommender, split, ties) of a summary, from a search's config (names) or reports (a dict)."""
+    data = summary["data"]["name"] if isinstance(summary["data"], dict) else summary["data"]
+    split = {"loo": "leave-one-out"}.get(summary["split"], summary["split"])
+    return data, summary["recommender"], split, summary["ties"]
+
+
 def summary(args) -> None:
     """Without --tuned-config: the default configuration's seeds only (no search was run)."""
     files = {name: sorted({f for pattern in patterns for f in glob.glob(pattern)})
@@ -85,8 +92,7 @@ def summary(args) -> None:
                "ties": first["split"]["ties"], "search": None}
     earlier = json.loads(args.merge.read_text()) if args.merge else None
     if earlier is not None:
-        mine = (out["data"]["name"], out["recommender"], out["split"], out["ties"])
-        theirs = (earlier["data"]["name"], earlier["recommender"], earlier["split"], earlier["ties"])
+        mine, theirs = _identity(out), _identity(earlier)
         if mine != theirs:
             raise SystemExit(f"--merge: {args.merge} is of {theirs}, these reports of {mine}")
         if out["search"] is None:
@@ -98,6 +104,9 @@ def summary(args) -> None:
             runs = sorted([r for r in earlier.get(name, {}).get("runs", []) if r["seed"] not in seeds] + runs,
                           key=lambda r: r["seed"])
         out[name] = {"runs": runs, **(spread(runs) if runs else {})}
+    if out["search"] and out["search"].get("best_trial") == 0 and not out["tuned"]["runs"]:
+        # the search kept the default (trial 0): the tuned configuration is the default one, and so are its fits
+        out["tuned"] = {**out["default"], "same_as_default": True}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=float))
     for name in ("default", "tuned"):

@@ -104,6 +104,17 @@ def test_a_summary_merges_the_seeds_of_an_earlier_one(chain_dir, tmp_path):
                                "--output", str(other)]).exit_code == 0
     run, _ = summary(other, merge="first.json", out="bad.json")
     assert run.returncode != 0 and "--merge" in run.stderr
+    # a search that kept the default (trial 0): the tuned entry is the default's fits, marked so
+    search = {"dataset": "chain", "recommender": "cooccurrence", "split": "loo", "ties": "keep", "seconds": 1.0,
+              "stopped": "trials", "best_trial": 0, "best_value": 0.1, "best_params": {}, "guard": None,
+              "fixed": {}, "space": {}, "tune": {}, "trials": []}
+    (tmp_path / "tuned_config.json").write_text(json.dumps(search))
+    run = subprocess.run([sys.executable, str(bench), "summary", "--tuned-config", str(tmp_path / "tuned_config.json"),
+                          "--defaults", str(reports[1]), str(reports[2]), "--merge", str(tmp_path / "first.json"),
+                          "--out", str(tmp_path / "kept.json")], check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    assert kept["tuned"]["same_as_default"] and kept["tuned"]["runs"] == kept["default"]["runs"] == runs
 
 
 def test_evaluate_reports_bad_input_clearly(tmp_path):
