@@ -148,14 +148,17 @@ def stage_totals(url: str) -> dict[str, tuple[float, float]]:
     """stage -> (seconds, requests) so far from /metrics' `dragonrec_recommend_stage_seconds`, summed over the
     workers (they share a PROMETHEUS_MULTIPROC_DIR)."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, list[float]] = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        for suffix, k in (("_sum{", 0), ("_count{", 1)):
-            if line.startswith("dragonrec_recommend_stage_seconds" + suffix):
-                stage = line.split('stage="')[1].split('"')[0]
-                out.setdefault(stage, [0.0, 0.0])[k] = float(line.split()[-1])
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        if family.name != "dragonrec_recommend_stage_seconds":
+            continue
+        for sample in family.samples:
+            k = {"dragonrec_recommend_stage_seconds_sum": 0, "dragonrec_recommend_stage_seconds_count": 1}.get(sample.name)
+            if k is not None:
+                out.setdefault(sample.labels["stage"], [0.0, 0.0])[k] = sample.value
+    return {stage: (v[0], v[1]) for stage, v in out.items()}
 
 
 def stage_means(before: dict, after: dict) -> dict[str, float]:

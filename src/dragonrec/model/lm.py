@@ -423,11 +423,16 @@ class SeqRecLM(nn.Module):
         (no sliding window) with as many key/value heads as query heads, and plain linear projections (an adapter
         such as LoRA wrapping one would be skipped by reading its weights)."""
         c = self.lm.config
-        return (c.num_key_value_heads == c.num_attention_heads
-                and all(t == "full_attention" for t in getattr(c, "layer_types", None) or ["full_attention"])
-                and all(type(m) is nn.Linear for layer in self.lm.model.layers
-                        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                  layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)))
+        if c.num_key_value_heads != c.num_attention_heads or any(
+                t != "full_attention" for t in getattr(c, "layer_types", None) or ["full_attention"]):
+            return False
+        # read through `_modules` (this runs on every scoring call; nn.Module attribute access is slow)
+        for layer in self.lm.model.layers._modules.values():
+            attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
+            if any(type(attn[k]) is not nn.Linear for k in ("q_proj", "k_proj", "v_proj", "o_proj")) or any(
+                    type(mlp[k]) is not nn.Linear for k in ("gate_proj", "up_proj", "down_proj")):
+                return False
+        return True
 
     def _decoder_inference(self, emb: torch.Tensor) -> torch.Tensor:
         """The backbone's forward for scoring, without its generic machinery (mask building, cache, output
