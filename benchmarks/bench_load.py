@@ -121,27 +121,66 @@ def percentiles(latencies_s: list[float]) -> dict:
 
 
 class CpuMeter:
-    """CPU seconds of the server process (and its children) and of this process over a level, and the load
-    average at its end."""
+    """CPU seconds of the server process (and its children), of this process and of the PostgreSQL server (its
+    postmaster and backends) over a level, the sessions PostgreSQL opened in it (a connection pool that keeps
+    too few connections opens and closes them under load: each is a forked backend), and the load average at
+    its end."""
 
-    def __init__(self, server_pid: int):
+    def __init__(self, server_pid: int, pg_pid: int | None = None, pg_url: str | None = None):
         self.server = psutil.Process(server_pid)
         self.me = psutil.Process()
+        self.pg = psutil.Process(pg_pid) if pg_pid else None
+        self.pg_url = pg_url
 
-    def _server_cpu(self) -> float:
-        procs = [self.server, *self.server.children(recursive=True)]
-        return sum(sum(p.cpu_times()[:2]) for p in procs)
+    @staticmethod
+    def _tree_cpu(proc: psutil.Process) -> float:
+        total = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                total += sum(p.cpu_times()[:2])
+            except psutil.NoSuchProcess:  # a backend that ended meanwhile (its time is lost to the count)
+                pass
+        return total
+
+    def _sessions(self) -> int | None:
+        if self.pg_url is None:
+            return None
+        import psycopg
+
+        with psycopg.connect(self.pg_url) as conn:
+            return int(conn.execute("SELECT sum(sessions) FROM pg_stat_database").fetchone()[0] or 0)
+
+    def _per_process(self) -> dict[int, float]:
+        out = {}
+        for p in [self.server, *self.server.children(recursive=True)]:
+            try:
+                out[p.pid] = sum(p.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return out
 
     def __enter__(self) -> Self:
-        self.t0, self.s0, self.c0 = time.perf_counter(), self._server_cpu(), sum(self.me.cpu_times()[:2])
+        self.t0, self.s0, self.c0 = time.perf_counter(), self._tree_cpu(self.server), sum(self.me.cpu_times()[:2])
+        self.w0 = self._per_process()
+        self.p0 = self._tree_cpu(self.pg) if self.pg else None
+        self.n0 = self._sessions()
         return self
 
     def __exit__(self, *exc) -> None:
         wall = time.perf_counter() - self.t0
-        self.result = {"server_cpu_s": round(self._server_cpu() - self.s0, 2),
+        server = self._tree_cpu(self.server) - self.s0
+        self.result = {"server_cpu_s": round(server, 2),
                        "loadgen_cpu_s": round(sum(self.me.cpu_times()[:2]) - self.c0, 2),
-                       "server_cores": round((self._server_cpu() - self.s0) / wall, 2),
+                       "server_cores": round(server / wall, 2),
+                       # each server process's CPU seconds (the supervisor first, then the workers): how evenly
+                       # the kernel spread the connections, and so the requests, over the workers
+                       "server_cpu_s_by_process": [round(v - self.w0.get(pid, 0.0), 2)
+                                                   for pid, v in self._per_process().items()],
                        "loadavg_1m_end": round(os.getloadavg()[0], 2)}
+        if self.pg is not None:
+            self.result["postgres_cpu_s"] = round(self._tree_cpu(self.pg) - self.p0, 2)
+        if self.n0 is not None:
+            self.result["postgres_new_sessions"] = self._sessions() - self.n0 - 1  # less the meter's own
 
 
 def stage_totals(url: str) -> dict[str, tuple[float, float]]:
@@ -382,7 +421,7 @@ def run(args, data: Path, model_dir: Path | None, cache_dir: Path, work: Path) -
     shared = work / "metrics"  # the workers' shared metrics: /metrics sums them (stage times per level)
     shared.mkdir(parents=True, exist_ok=True)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
-    pg = TempPostgres(fsync=True)
+    pg = TempPostgres(fsync=True, settings=dict(kv.split("=", 1) for kv in args.pg_setting))
     env["DRAGONREC_STORE_URL"] = pg.start()
     events = pd.read_parquet(data / "interactions.parquet", columns=["user_id", "item_id"])
     out: dict = {}
@@ -397,7 +436,8 @@ def run(args, data: Path, model_dir: Path | None, cache_dir: Path, work: Path) -
                                                          *psutil.Process(server.proc.pid).children(recursive=True)])
                            / 2**20))
             bodies = recommend_bodies(events, 20_000, args.seed)
-            cpu = CpuMeter(server.proc.pid)
+            pg_pid = int((pg.directory / "data" / "postmaster.pid").read_text().split()[0])
+            cpu = CpuMeter(server.proc.pid, pg_pid, "postgresql://" + pg.url.split("://", 1)[1])
 
             async def levels() -> None:
                 client = Client(server.url)
@@ -554,6 +594,8 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, help="profile this many requests in-process instead")
     p.add_argument("--profile-threads", type=int, default=0,
                    help="with --profile: then as many requests again from this many threads")
+    p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a PostgreSQL server setting for the run (repeatable), e.g. synchronous_commit=off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -565,7 +607,7 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "loadavg_start": os.getloadavg()},
               "catalog": args.catalog, "workers": args.workers, "batching": not args.no_batching, "batch_wait_ms": args.batch_wait_ms,
-              "switch_interval_ms": args.switch_interval_ms,
+              "switch_interval_ms": args.switch_interval_ms, "pg_settings": args.pg_setting,
               "bounds": {"requests_per_level": args.requests, "seconds_per_level": args.seconds,
                          "max_in_flight": args.max_in_flight}}
     try:

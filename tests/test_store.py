@@ -545,3 +545,39 @@ def test_a_postgresql_write_is_one_autocommitted_statement_that_stores_what_the_
         stored_items = {(r[0], r[1]): r[2] for r in a["impression_items"]}
         assert stored_items[("r1", 0)] == "a" and ("r1", 1) in stored_items  # the first r1 kept, its slots too
         assert len(a["impression_items"]) == 2 + 1 + 3 + 1
+
+
+def test_a_postgresql_store_under_a_burst_reuses_its_pool_and_opens_no_more_connections(request):
+    """More concurrent callers than pooled connections: they wait for a pooled one (no overflow by default),
+    so the server sees `pool_size` backends in all, not a backend forked and closed for each extra caller (the
+    overflow's churn under load); every call still answers. With an overflow the same burst opens more."""
+    from sqlalchemy import event
+
+    url = request.getfixturevalue("postgres_url")
+    with Store.open(url) as s:
+        s.add_events(events_batch(40))
+
+    def burst(config: StoreConfig) -> tuple[int, list[int]]:
+        opened = []
+        with Store.open(url, config=config) as s:
+            event.listen(s.engine, "connect", lambda *_: opened.append(1))
+            answers: list[int] = []
+            barrier = threading.Barrier(16)
+
+            def caller() -> None:
+                barrier.wait()
+                for _ in range(15):
+                    answers.append(len(s.recent_events("u1", 100)))
+
+            threads = [threading.Thread(target=caller) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        return len(opened), answers
+
+    opened, answers = burst(StoreConfig(pool_size=3, migrate=False))
+    assert len(answers) == 16 * 15 and set(answers) == {10}
+    assert opened <= 3
+    opened, _ = burst(StoreConfig(pool_size=3, max_overflow=10, migrate=False))
+    assert opened > 3  # the overflow: what the default no longer does

@@ -77,7 +77,7 @@ from dragonrec.serve.serving import (
     request_filters,
 )
 from dragonrec.serve.settings import Settings
-from dragonrec.store import Store, StoreError
+from dragonrec.store import Store, StoreConfig, StoreError
 
 log = logging.getLogger("dragonrec.serve")
 
@@ -190,7 +190,7 @@ class Service:
         catalog, deleted = replay_catalog_log(self.settings.catalog_log, dataset.catalog)
         state = CatalogState.of(catalog, deleted, self.events)
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store.open(s.resolved_store_url, items=catalog)
+        self.store = Store.open(s.resolved_store_url, items=catalog, config=StoreConfig(pool_size=s.store_pool_size))
         # Group commit: impressions of concurrent requests share one transaction (each request still answers
         # only once its own impression is committed); alone, a request writes at once.
         self._impressions = MicroBatcher(self._write_impressions, max_batch=64, max_wait_s=0.0) \

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     """Where the service keeps its own state: the default SQLite store, registry and catalog changes."""
     store_url: str | None = None
     """Feedback store URL (sqlite:///PATH or postgresql+psycopg://...); default: SQLite under state_dir."""
+    store_pool_size: int = Field(10, ge=1)
+    """PostgreSQL: connections each API process keeps, and the most it uses at once (a burst beyond them waits
+    for one; `StoreConfig.max_overflow`). Processes x this must stay under the server's max_connections."""
     registry_dir: Path | None = None
     """Model registry root; default: state_dir/registry. Without an active version the popularity
     fallback (dense + co-occurrence + popularity, no model) serves."""

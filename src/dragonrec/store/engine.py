@@ -38,8 +38,8 @@ def make_engine(url: str | Path, config: StoreConfig | None = None) -> Engine:
         _configure_sqlite(engine, config)
         return engine
     if backend == "postgresql":
-        return create_engine(url, echo=config.echo, pool_size=config.pool_size,
-                             pool_pre_ping=config.pool_pre_ping)
+        return create_engine(url, echo=config.echo, pool_size=config.pool_size, max_overflow=config.max_overflow,
+                             pool_timeout=config.pool_timeout_s, pool_pre_ping=config.pool_pre_ping)
     shown = make_url(url).render_as_string(hide_password=True)  # an error message must not carry the password
     raise ValueError(f"unsupported store URL {shown!r}: use sqlite:///PATH or "
                      "postgresql+psycopg://USER@HOST/DB")
