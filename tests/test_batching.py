@@ -97,6 +97,40 @@ def test_an_exception_goes_only_to_the_caller_whose_rows_raised_it():
     assert b.submit([5]) == [10]
 
 
+def test_many_callers_each_get_their_rows_and_the_lead_always_passes_on():
+    """32 threads x 60 calls of 1-3 rows each, some raising: every call returns its own doubled rows (or its
+    own error), no thread is left waiting, and the batcher is idle afterwards (the last leader handed the lead
+    to a waiting caller each time, or gave it up when none waited)."""
+    fn = Recording(delay=0.0005)
+    b = MicroBatcher(fn, max_batch=8, max_wait_s=0.0)
+    bad: list[str] = []
+
+    def caller(i: int) -> None:
+        rng = np.random.default_rng(i)
+        for k in range(60):
+            rows = [int(x) for x in rng.integers(0, 1000, size=int(rng.integers(1, 4)))]
+            if k % 17 == i % 17:
+                rows[0] = -1
+            try:
+                got = b.submit(rows)
+                if got != [2 * r for r in rows]:
+                    bad.append(f"caller {i} call {k}: {got} for {rows}")
+            except ValueError:
+                if rows[0] != -1:
+                    bad.append(f"caller {i} call {k}: an error for {rows}")
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a caller was left waiting"
+    assert bad == []
+    assert b.stats.calls == 32 * 60 and not b._leading and not b._queue
+    assert b.stats.batches < b.stats.calls  # concurrent callers shared batches
+    assert b.submit([4]) == [8]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny sasrec model fitted for one epoch on a chain-like dataset of 40 items."""

@@ -53,6 +53,10 @@ class _Job:
     result: list | None = None
     error: BaseException | None = None
     at: float = field(default_factory=time.perf_counter)
+    # set when the job is done, or when the previous leader hands this job's caller the lead: each waiting
+    # caller sleeps on its own event, so a finished batch wakes its own callers and one next leader, not every
+    # waiting thread (a notify_all per batch woke them all to find their rows still queued)
+    wake: threading.Event = field(default_factory=threading.Event)
 
 
 class MicroBatcher(Generic[T, R]):
@@ -82,23 +86,36 @@ class MicroBatcher(Generic[T, R]):
             self.stats.calls += 1
             self.stats.rows += len(job.rows)
             self._queue.append(job)
-            self._cond.notify_all()  # a waiting leader may now have a full batch
-            while not job.done:
-                if self._leading:
-                    self._cond.wait()
-                    continue
-                self._leading = True
+            self._cond.notify()  # a leader waiting for company (max_wait_s) may now have a full batch
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            job.wake.wait()  # done, or handed the lead (then its rows are still queued)
+        while not job.done:  # leading: run the oldest queued jobs until this caller's rows have run
+            with self._cond:
                 batch = self._gather()
-                self._cond.release()
-                try:
-                    self._run(batch)
-                finally:
-                    self._cond.acquire()
-                    self._leading = False
-                    self._cond.notify_all()  # results are in, and the next leader may start
+            try:
+                self._run(batch)
+            except BaseException:  # KeyboardInterrupt and the like: leave, but never leave the others leaderless
+                with self._cond:
+                    if job in self._queue:
+                        self._queue.remove(job)
+                    self._hand_over()
+                raise
+            if job.done:
+                with self._cond:
+                    self._hand_over()
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
+
+    def _hand_over(self) -> None:
+        """Under the lock, from the leader that is done: the oldest waiting caller leads next (its rows are
+        queued), or nobody leads while nothing waits."""
+        if self._queue:
+            self._queue[0].wake.set()
+        else:
+            self._leading = False
 
     def _gather(self) -> list[_Job]:
         """Under the lock: wait (at most max_wait_s after the oldest queued row) until max_batch rows are
@@ -130,6 +147,7 @@ class MicroBatcher(Generic[T, R]):
             except Exception as e:  # noqa: BLE001 - handed to the caller(s) whose rows raised it
                 if len(batch) == 1:  # its own rows: no need to run them again
                     batch[0].error, batch[0].done = e, True
+                    batch[0].wake.set()
                     return
                 self.stats.retried += 1
                 for job in batch:
@@ -138,11 +156,13 @@ class MicroBatcher(Generic[T, R]):
             k = 0
             for job in batch:
                 job.result, job.done = out[k:k + len(job.rows)], True
+                job.wake.set()
                 k += len(job.rows)
         except BaseException as e:  # KeyboardInterrupt and the like: no caller may wait forever
             for job in batch:
                 if not job.done:
                     job.error, job.done = e, True
+                    job.wake.set()
             raise
 
     def _run_one(self, job: _Job) -> None:
@@ -154,6 +174,7 @@ class MicroBatcher(Generic[T, R]):
         except Exception as e:  # noqa: BLE001 - handed to the caller that submitted these rows
             job.error = e
         job.done = True
+        job.wake.set()
 
 
 Row = tuple[np.ndarray, Any]  # (history [catalog indices], actions or None)
