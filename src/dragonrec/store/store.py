@@ -360,8 +360,12 @@ class Store:
     def recent_events(self, user_id: str, limit: int) -> list[tuple[str, str, float]]:
         """The latest `limit` events of a user as (item_id, action, timestamp), in the order of
         `events_of_user` (time, explicit order with missing last, then arrival): the request path's lean read,
-        plain tuples and no DataFrame."""
+        plain tuples and no DataFrame. PostgreSQL: one statement in autocommit (a single SELECT reads one snapshot
+        anyway), so one round trip instead of three: BEGIN, the SELECT and the ROLLBACK of the pool's reset
+        (`benchmarks/bench_history_read.py`)."""
         with self.engine.connect() as conn:
+            if self.backend == "postgresql":
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             rows = conn.execute(_RECENT_EVENTS, {"user_id": user_id, "limit": limit}).all()
         rows.sort(key=lambda r: (r[2], r[3] is None, r[3] or 0, r[4]))
         return [(r[0], r[1], float(r[2])) for r in rows]
