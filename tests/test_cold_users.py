@@ -54,7 +54,7 @@ def test_a_cold_user_who_states_categories_gets_that_segments_popular_items(chai
 def test_one_or_two_events_weigh_the_content_path_more(chain_dataset):
     ds = chain_dataset
     split = leave_one_out(ds.events)
-    base = Pipeline(config(), embedder=HashEmbedder()).fit(split.train, ds.catalog)
+    base = Pipeline(config(dense_weight=0.0), embedder=HashEmbedder()).fit(split.train, ds.catalog)
     content = Pipeline(config(dense_weight=5.0), embedder=HashEmbedder()).fit(split.train, ds.catalog)
     hist = split.test.histories[0]
     few, many = hist[-1:], hist

@@ -235,11 +235,14 @@ def test_cold_user_gets_popularity(pipe):
     assert pipe.recommend_for([3], ["scroll_past"], n=3).cold
     warm = pipe.recommend_for([], n=12, context={"preferences": "Product number 7 Hair"})
     assert not warm.cold and any("dense" in r.sources for r in warm)
-    # preferences and no positive event: the preference query alone orders the list (no popularity replay)
-    hair = pipe.recommend_for([], n=4, context={"preferences": {"categories": ["Beauty > Hair"]}})
-    assert {r.source for r in hair} == {"dense"}
+    # stated categories and no positive event: the segment's popular items (the default, chosen on validation)
     cats = np.asarray(pipe.catalog.categories, dtype=object)
-    assert sum(cats[r.idx] == "Beauty > Hair" for r in hair) >= 3, [cats[r.idx] for r in hair]
+    hair = pipe.recommend_for([], n=4, context={"preferences": {"categories": ["Beauty > Hair"]}})
+    assert hair.source == "preferences" and sum(cats[r.idx] == "Beauty > Hair" for r in hair) >= 3
+    # free text: the preference query alone orders the list (no popularity replay)
+    text = pipe.recommend_for([], n=4, context={"preferences": {"text": "Hair", "categories": ["Beauty > Hair"]}})
+    assert {r.source for r in text} == {"dense"}
+    assert sum(cats[r.idx] == "Beauty > Hair" for r in text) >= 3, [cats[r.idx] for r in text]
     with pytest.raises(ValueError, match="cartt"):
         pipe.recommend_for([1], context={"cartt": ["i01"]})
     with pytest.raises(KeyError, match="unknown item"):
