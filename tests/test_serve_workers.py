@@ -53,15 +53,26 @@ def test_serve_with_two_workers_starts_both_and_answers(tmp_path):
                             headers={"X-API-Key": API_KEY})  # the key and the catalog reached the workers
             assert r.status_code == 422 and "unknown item" in r.json()["detail"]
         # /metrics sums every worker's counts, whichever worker answers (fresh connections, both get asked)
-        served = set()
         for _ in range(6):
             text = httpx.get(url + "/metrics", timeout=30).text
             counts = [line for line in text.splitlines()
                       if line.startswith('dragonrec_request_seconds_count{') and 'route="/v1/recommend"' in line]
             assert len(counts) == 1 and float(counts[0].split()[-1]) == 8.0, counts
-            served.update(line.split('"')[1] for line in text.splitlines()
-                          if line.startswith("dragonrec_model_version_info{"))
-        assert served  # and the answering worker's serving state
+        # ... and shows each live worker's serving state, labelled by its pid (each publishes it every watch)
+        worker_pids = {str(p.pid) for p in workers if p.pid != proc.pid}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = httpx.get(url + "/metrics", timeout=30).text
+            infos = [line for line in text.splitlines() if line.startswith("dragonrec_model_version_info{")]
+            pids = {line.split('pid="')[1].split('"')[0] for line in infos}
+            if len(pids) >= 2:
+                break
+            time.sleep(0.5)
+        assert len(pids) == 2 and pids <= worker_pids, (infos, worker_pids)
+        assert all('version="popularity"' in line for line in infos)  # no model registered: the fallback
+        items = [line for line in text.splitlines() if line.startswith("dragonrec_catalog_items{")]
+        live = httpx.get(url + "/health", timeout=30).json()["catalog_items"]
+        assert len(items) == 2 and all(float(line.split()[-1]) == live for line in items), (items, live)
         assert any((tmp_path / "state").glob("metrics-*/*.db"))  # the workers' shared values
     finally:
         proc.send_signal(signal.SIGINT)

@@ -54,6 +54,7 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
         if settings.switch_interval_ms is not None:
             sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
         await run_in_threadpool(service.start)
+        app.state.metrics.publish_state()
         stop = threading.Event()
         if service.loop is not None and settings.loop_every_s:
             from dragonrec.serve.loop_runner import run_every
@@ -73,6 +74,7 @@ def create_app(settings: Settings, service: Service | None = None, loop: LoopRun
     app.state.settings = settings
     app.state.metrics = Metrics(service)
     service.on_stage = lambda stage, seconds: app.state.metrics.stages.labels(stage).observe(seconds)
+    service.on_tick = app.state.metrics.publish_state
     app.state.shop_limiter = RateLimiter(settings.shop_rate_per_minute, settings.shop_burst)
     app.include_router(router)
     storefront = _storefront()

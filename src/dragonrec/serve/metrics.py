@@ -6,20 +6,25 @@ Each app has its own `CollectorRegistry`, so several apps in one process (tests)
 Several worker processes (`dragonrec serve --workers N`) share their counters and histograms through
 prometheus_client's multiprocess mode: the command points `PROMETHEUS_MULTIPROC_DIR` at a fresh directory before the
 workers start, each worker writes its values there, and /metrics, whichever worker answers it, sums them over all
-workers (`MultiProcessCollector`). The serving state (model version, loads, catalog size) is the answering
-worker's.
+workers (`MultiProcessCollector`). The serving state (model version, loads, catalog size) differs by worker (a
+rollout reaches them one by one): each worker writes its own to a small file in the same directory (at start, on
+every registry watch, about every 2 s, and when it answers a scrape), and /metrics shows every live worker's,
+labelled with its `pid`; a dead worker's file is dropped.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set (by `dragonrec serve --workers N`) before prometheus_client loads
+STATE_PREFIX = "serving-state-"  # + pid + ".json": a worker's serving state in the shared directory
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -48,15 +53,27 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text: this app's registry, or with several worker processes (PROMETHEUS_MULTIPROC_DIR
-        set), the sum over every worker's values plus this worker's serving state."""
+        set), the sum over every worker's values and every live worker's serving state."""
         shared = os.environ.get(MULTIPROC_ENV)
         if not shared:
             return generate_latest(self.registry)
+        self.publish_state()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=shared)
-        if self._state is not None:
-            registry.register(self._state)
+        registry.register(_WorkersStateCollector(Path(shared)))
         return generate_latest(registry)
+
+    def publish_state(self) -> None:
+        """With several workers: write this worker's serving state where every worker's /metrics reads it
+        (atomically: a reader never sees half a file). A no-op in one process."""
+        shared = os.environ.get(MULTIPROC_ENV)
+        state = self._state.snapshot() if shared and self._state is not None else None
+        if state is None:
+            return
+        path = Path(shared) / f"{STATE_PREFIX}{os.getpid()}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
 
 
 class _ServiceCollector:
@@ -68,24 +85,73 @@ class _ServiceCollector:
     def describe(self):
         return []
 
-    def collect(self):
+    def snapshot(self) -> dict | None:
+        """The state as plain values (None before the service has started)."""
         s = self.service
         if s._serving is None:
-            return
-        info = GaugeMetricFamily("dragonrec_model_version_info", "The model version serving requests (value 1)",
-                                 labels=["version"])
-        info.add_metric([s.model_version], 1.0)
-        yield info
-        loading = GaugeMetricFamily("dragonrec_model_loading", "1 while a model version loads in the background")
-        loading.add_metric([], 1.0 if s._loading else 0.0)
-        yield loading
-        loads = CounterMetricFamily("dragonrec_model_loads", "Model version loads by outcome", labels=["outcome"])
-        for outcome in ("ok", "failed"):
-            loads.add_metric([outcome], float(s.load_counts[outcome]))
-        yield loads
-        items = GaugeMetricFamily("dragonrec_catalog_items", "Live products in the catalog")
-        items.add_metric([], float(s.serving.state.live.sum()))
-        yield items
+            return None
+        return {"version": s.model_version, "loading": bool(s._loading), "loads_ok": s.load_counts["ok"],
+                "loads_failed": s.load_counts["failed"], "catalog_items": int(s.serving.state.live.sum())}
+
+    def collect(self):
+        state = self.snapshot()
+        if state is not None:
+            yield from _state_families([({}, state)])
+
+
+def _state_families(states: list[tuple[dict[str, str], dict]]):
+    """The serving-state metric families of (extra labels, snapshot) pairs: one series per pair."""
+    keys = sorted({k for labels, _ in states for k in labels})
+    info = GaugeMetricFamily("dragonrec_model_version_info", "The model version serving requests (value 1)",
+                             labels=["version", *keys])
+    loading = GaugeMetricFamily("dragonrec_model_loading", "1 while a model version loads in the background",
+                                labels=keys)
+    loads = CounterMetricFamily("dragonrec_model_loads", "Model version loads by outcome", labels=["outcome", *keys])
+    items = GaugeMetricFamily("dragonrec_catalog_items", "Live products in the catalog", labels=keys)
+    for labels, st in states:
+        extra = [labels[k] for k in keys]
+        info.add_metric([st["version"], *extra], 1.0)
+        loading.add_metric(extra, 1.0 if st["loading"] else 0.0)
+        loads.add_metric(["ok", *extra], float(st["loads_ok"]))
+        loads.add_metric(["failed", *extra], float(st["loads_failed"]))
+        items.add_metric(extra, float(st["catalog_items"]))
+    return [info, loading, loads, items]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+class _WorkersStateCollector:
+    """Every live worker's serving state from the files in the shared directory, labelled by pid."""
+
+    def __init__(self, shared: Path):
+        self.shared = shared
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        states = []
+        for path in sorted(self.shared.glob(f"{STATE_PREFIX}*.json")):
+            pid = path.name[len(STATE_PREFIX):-len(".json")]
+            if not pid.isdigit():
+                continue
+            if not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # a worker that died (or was replaced): its state is history
+                continue
+            try:
+                states.append(({"pid": pid}, json.loads(path.read_text())))
+            except (OSError, ValueError):  # removed or being replaced meanwhile: the next scrape has it
+                continue
+        if states:
+            yield from _state_families(states)
 
 
 class MetricsMiddleware:

@@ -168,6 +168,9 @@ class Service:
         self.load_counts: Counter = Counter()  # "ok" / "failed" model loads, for /metrics
         # Called with (stage, seconds) for each stage of a recommend request (the app's /metrics histogram).
         self.on_stage: Callable[[str, float], None] | None = None
+        # called on the registry watcher's thread once per watch (about every reload_interval_s), after any swap:
+        # the app publishes this worker's serving state for the other workers' /metrics
+        self.on_tick: Callable[[], None] | None = None
         self._loop_lock = threading.Lock()
         self._loop_state: dict[str, Any] = {"running": False}
 
@@ -588,9 +591,16 @@ class Service:
             if version is not None and version == self.model_version and self._failed not in (None, version):
                 with self._admin:  # the version that failed is no longer active: its error is history
                     self._failed, self._load_error = None, None
-            if version is None or version == self.model_version or version == self._failed:
-                continue
-            self.swap_to(version)
+            if not (version is None or version == self.model_version or version == self._failed):
+                self.swap_to(version)
+            self._tick()
+
+    def _tick(self) -> None:
+        if self.on_tick is not None:
+            try:
+                self.on_tick()
+            except Exception as e:  # noqa: BLE001 - a metrics hook must never stop the watcher
+                log.warning("the watch hook failed: %s", e)
 
     def swap_to(self, version: str) -> bool:
         """Load `version` and swap it in (the old one serves until then, and on failure). True if swapped."""
