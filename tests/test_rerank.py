@@ -307,3 +307,21 @@ def test_diversity_knob_on_a_beauty_slice_spreads_the_list_and_keeps_the_top_ite
     for d in (0.3, 0.7):
         assert all(lists[d][b].items[0] == lists[0.0][b].items[0] for b in warm)  # the most relevant stays first
         assert all(len(lists[d][b]) == 10 for b in warm)
+
+
+def test_products_the_scorer_cannot_rank_get_the_new_product_places():
+    """Items 8.. were added after the model was fitted (`n_scored` 8): the first two of them in the list move to
+    positions 2 and 6 (`new_item_first`, `new_item_every`), the rest keep their order; off without `n_scored`,
+    with 0 slots, or when the list has none; a short list takes them at its end."""
+    cat = catalog_of(["A"] * 12)
+    r = DiversityReranker(RerankConfig(new_item_slots=2)).fit(cat)
+    order = [0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 10]
+    assert rerank(r, order) == order  # n_scored unset: every product is rankable
+    r.n_scored = 8
+    assert rerank(r, order) == [0, 1, 9, 2, 3, 4, 11, 5, 6, 7, 10]
+    assert rerank(r, order, banned=[9]) == [0, 1, 11, 2, 3, 4, 10, 5, 6, 7]  # banned first, then the places
+    assert rerank(r, [0, 1, 2, 3, 4, 5]) == [0, 1, 2, 3, 4, 5]
+    assert rerank(r, [10, 0]) == [0, 10]  # fewer items than the first place: appended
+    off = DiversityReranker(RerankConfig(new_item_slots=0)).fit(cat)
+    off.n_scored = 8
+    assert rerank(off, order) == order

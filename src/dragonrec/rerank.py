@@ -90,6 +90,17 @@ class RerankConfig(BaseModel):
     """Which cold candidates take the slots: "text", the closest in text to the history; "score", the best
     placed by the scorer (for the generative model: its text-trained cold head, which learned from behaviour
     which texts follow which; for a scorer that gives cold items no score, the retrieval order)."""
+    new_item_slots: int = Field(0, ge=0)
+    """Places for products the scorer cannot rank at all: those at or after `DiversityReranker.n_scored` in the
+    catalog (added after a model that scores only its own items was fitted; they sink below every scored
+    candidate). Up to this many of them among the candidates, in the list's order (retrieval order, for them),
+    move to positions `new_item_first`, `new_item_first + new_item_every`, ... (0-based). 0 = off; the service
+    uses 2. The other kind of new product, one nobody has interacted with yet but the scorer can rank (the
+    generative model's cold head), has `cold_item_slots`."""
+    new_item_first: int = Field(2, ge=0)
+    """0-based position of the first new-product place."""
+    new_item_every: int = Field(4, ge=1)
+    """Positions between two new-product places."""
 
 
 @dataclass
@@ -135,6 +146,9 @@ class DiversityReranker(Reranker):
 
     def __init__(self, cfg: RerankConfig | None = None):
         self.cfg = cfg or RerankConfig()
+        # catalog indices from here on are products the scorer cannot rank (None: it ranks every product);
+        # set by whoever serves a model over a catalog grown since its fit (`serve.serving.build_pipeline`)
+        self.n_scored: int | None = None
         self.vectors: np.ndarray | None = None
         self.catalog: Catalog | None = None
         self.popularity: np.ndarray | None = None
@@ -222,7 +236,23 @@ class DiversityReranker(Reranker):
             keep = keep[self.select(items[keep], scores[keep], lam, max(cfg.head, request.n or 0), target)]
         if cfg.cold_item_slots and len(keep):
             keep = keep[self.cold_item_order(items[keep], request)]
+        if cfg.new_item_slots and self.n_scored is not None and len(keep):
+            keep = keep[self.new_item_order(items[keep])]
         return keep
+
+    def new_item_order(self, items: np.ndarray) -> np.ndarray:
+        """Positions into `items` [m] (a finished list, best first) with up to `new_item_slots` products the scorer
+        cannot rank (index >= `n_scored`), the first of them in the list, moved to positions `new_item_first`,
+        `new_item_first + new_item_every`, ...; the others keep their order."""
+        cfg = self.cfg
+        identity = np.arange(len(items))
+        new = np.flatnonzero(items >= self.n_scored)[:cfg.new_item_slots]
+        if not len(new):
+            return identity
+        out = identity[~np.isin(identity, new)].tolist()
+        for s, k in enumerate(new):
+            out.insert(min(cfg.new_item_first + s * cfg.new_item_every, len(out)), int(k))
+        return np.asarray(out, dtype=np.int64)
 
     def cold_item_order(self, items: np.ndarray, request: RerankRequest) -> np.ndarray:
         """Positions into `items` [m] (a finished list, best first) with up to `cold_item_slots` cold items moved

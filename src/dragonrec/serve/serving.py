@@ -9,11 +9,11 @@ Fitted models know the catalog they were trained on. Products added through the 
 `GrownCatalogModel` serves the old model over the longer catalog: histories keep the items it knows; a
 generative model with a calibrated cold head scores the new items from their text (no retraining), other models
 give them -inf. Dense retrieval and the cold-start list still propose them, and for models that cannot score
-them `NewItemSlots` gives the ones proposed a few places in the list (exploration for new items) instead of
-sinking them below every item the model scored.
+them the re-ranker's new-product slots (`RerankConfig.new_item_slots`) give the ones proposed a few places in the
+list (exploration for new items) instead of sinking them below every item the model scored.
 
-The re-rank stage is the pipeline's `DiversityReranker` (`ServingReranker`: shop rules, the request's
-`diversity` knob and filters, caps, calibration), then the new-product slots. Exploration over rarely shown
+The re-rank stage is the pipeline's `DiversityReranker`: shop rules, the request's `diversity` knob and filters,
+caps, calibration, cold-item slots, then the new-product slots. Exploration over rarely shown
 candidates is a Thompson-sampling bandit on each item's click-through posterior from the feedback store
 (`ItemExposure`, `bandit_explore`), each slot's exact probability stored with the impression.
 
@@ -42,11 +42,11 @@ from dragonrec.data.catalog import Catalog
 from dragonrec.data.stats import item_popularity
 from dragonrec.embed import Embedder
 from dragonrec.evaluate.experiment import saved_recommender_name
-from dragonrec.pipeline import SOURCE_REASONS, Pipeline, PipelineConfig, Reranker
+from dragonrec.pipeline import SOURCE_REASONS, Pipeline, PipelineConfig
 from dragonrec.recommenders import recommender_class
 from dragonrec.recommenders.base import Recommender
 from dragonrec.registry import ModelVersion
-from dragonrec.rerank import DiversityReranker, Filters, RerankConfig, RerankRequest
+from dragonrec.rerank import DiversityReranker, Filters, RerankConfig
 from dragonrec.schema import POSITIVE_ACTIONS
 from dragonrec.serve.schemas import FiltersIn
 
@@ -95,40 +95,6 @@ class GrownCatalogModel:
         out = np.full((len(histories), n), -np.inf, dtype=np.float32)
         out[:, :self.n_base] = self.model.score(h, a)
         return out
-
-
-class NewItemSlots(Reranker):
-    """Exploration for new products. Models fitted before a product was added cannot score it, so it sinks
-    below every scored candidate; up to `slots` of the new products among a request's candidates (proposed by
-    dense retrieval, in its order) are moved to list positions `first`, `first + every`, ..."""
-
-    def __init__(self, n_known: int, slots: int = 2, first: int = 2, every: int = 4):
-        self.n_known, self.slots, self.first, self.every = n_known, slots, first, every
-
-    def rerank(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray) -> np.ndarray:
-        keep = super().rerank(items, scores, banned)
-        is_new = items[keep] >= self.n_known
-        if self.slots <= 0 or not is_new.any():
-            return keep
-        new = keep[is_new][:self.slots]
-        out = [k for k in keep if k not in set(new.tolist())]
-        for s, k in enumerate(new):
-            out.insert(min(self.first + s * self.every, len(out)), int(k))
-        return np.asarray(out, dtype=np.int64)
-
-
-class ServingReranker(DiversityReranker):
-    """The served re-rank stage: shop rules, diversity, category caps and calibration (`DiversityReranker`, the
-    request's `diversity` knob and filters), then `after` (the new-product slots) over the result."""
-
-    def __init__(self, cfg: RerankConfig, after: Reranker):
-        super().__init__(cfg)
-        self.after = after
-
-    def rerank_for(self, items: np.ndarray, scores: np.ndarray, banned: np.ndarray,
-                   request: RerankRequest) -> np.ndarray:
-        keep = super().rerank_for(items, scores, banned, request)
-        return keep[self.after.rerank(items[keep], scores[keep], np.zeros(0, np.int64))]
 
 
 def request_filters(filters: FiltersIn | None) -> tuple[Filters | None, list[str]]:
@@ -250,7 +216,8 @@ def build_pipeline(state: CatalogState, train: pd.DataFrame, cooccurrence: Recom
     served = None if model is None else GrownCatalogModel(model, catalog, cache_dir=cache_dir, embedder=embedder)
     # a model that ranks new products itself (the generative model's cold head) needs no forced slots for them
     n_known = len(catalog) if served is not None and served.scores_new_items else len(cooccurrence.catalog)
-    reranker = ServingReranker(rerank or RerankConfig(), NewItemSlots(n_known, slots=new_item_slots))
+    reranker = DiversityReranker((rerank or RerankConfig()).model_copy(update={"new_item_slots": new_item_slots}))
+    reranker.n_scored = n_known
     cooc = ModelSource(GrownCatalogModel(cooccurrence, catalog), name="cooccurrence",
                        reason=SOURCE_REASONS["cooccurrence"])
     dense = DenseConfig(cache_dir=cache_dir)

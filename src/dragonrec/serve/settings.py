@@ -74,8 +74,10 @@ class Settings(BaseSettings):
     demotion_window_s: float = Field(1800.0, ge=0.0)
     """Seconds an item a user scrolled past (or removed from the cart) stays out of their lists."""
     new_item_slots: int = Field(2, ge=0)
-    """Places in a list for products added after the models were fitted (they cannot score them), when
-    dense retrieval proposes them for the request: exploration for new items."""
+    """Places in a list (positions 3 and 7, ...) for products added after the model was fitted when it cannot
+    rank them (the generative model's cold head can: then none are needed), when retrieval proposes them for the
+    request: exploration for new items (`RerankConfig.new_item_slots`). Products nobody has interacted with yet
+    that the model ranks itself: `cold_item_slots`."""
     cold_item_slots: int = Field(0, ge=0)
     """Places at the end of a list's first 10 for products nobody has interacted with yet (the candidates closest in
     text to the user's history): what no behaviour-trained scorer ranks (docs/benchmarks.md, cold items)."""
