@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bench_cold import configs, offline, online  # the same pipelines and slices
+from bench_tune import paired_difference  # B against A case by case
 
 from dragonrec.candidates.cold import ColdStartConfig
 from dragonrec.candidates.sources import DenseConfig
@@ -35,15 +36,10 @@ from dragonrec.evaluate.metrics import ndcg_at_k
 from dragonrec.rerank import category_key
 
 
-def per_case_ndcg(ranks: np.ndarray) -> np.ndarray:
-    return np.asarray([ndcg_at_k(np.asarray([r]), 10) for r in ranks], dtype=np.float64)
-
-
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """b - a, case by case: mean, standard error and z."""
-    d = per_case_ndcg(b) - per_case_ndcg(a)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"difference": float(d.mean()), "se": se, "z": float(d.mean() / se) if se > 0 else float("nan")}
+    """b - a, case by case (target ranks of the same cases): mean NDCG@10 difference, its standard error and z."""
+    d = paired_difference([a], [b])
+    return {k: d[k] for k in ("difference", "se", "z")}
 
 
 def main() -> None:

@@ -144,11 +144,11 @@ class DiversityReranker(Reranker):
     is under its cap. rel = the scores min-max normalised within the list (made non-increasing along the input
     order, so lambda 0 keeps it exactly); p = the category mix of the user's positive history events."""
 
-    def __init__(self, cfg: RerankConfig | None = None):
+    def __init__(self, cfg: RerankConfig | None = None, n_scored: int | None = None):
         self.cfg = cfg or RerankConfig()
-        # catalog indices from here on are products the scorer cannot rank (None: it ranks every product);
-        # set by whoever serves a model over a catalog grown since its fit (`serve.serving.build_pipeline`)
-        self.n_scored: int | None = None
+        # catalog indices from here on are products the scorer cannot rank (None: it ranks every product): given
+        # by whoever serves a model over a catalog grown since its fit (`serve.serving.build_pipeline`)
+        self.n_scored = n_scored
         self.vectors: np.ndarray | None = None
         self.catalog: Catalog | None = None
         self.popularity: np.ndarray | None = None

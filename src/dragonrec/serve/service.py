@@ -544,15 +544,14 @@ class Service:
         return RerankConfig(diversity=s.diversity, mode=s.diversity_mode, relevance=s.diversity_relevance,
                             novelty=s.diversity_novelty,
                             category_cap=s.category_cap, calibration=s.calibration, cold_item_slots=s.cold_item_slots,
-                            cold_item_rank=s.cold_item_rank)
+                            cold_item_rank=s.cold_item_rank, new_item_slots=s.new_item_slots)
 
     def _build(self, state: CatalogState, version: str, model: Recommender | None, info: dict) -> Serving:
         # Concurrent requests share every stage (batch_pipeline, which waits for company) and the model's
         # forward passes (batched: no wait of its own, the pipeline's batch already gathered the requests).
         s = self.settings
         pipe, label = build_pipeline(state, self.events, self.cooccurrence, model, self.settings.quotas,
-                                     self.settings.embedding_cache_dir, self.embedder, self.settings.new_item_slots,
-                                     self.rerank_config(),
+                                     self.settings.embedding_cache_dir, self.embedder, self.rerank_config(),
                                      wrap_model=lambda m: batched(m, s.batch_inference, s.batch_max_size, 0.0))
         batch_pipeline(pipe, s.batch_inference, s.batch_max_size, s.batch_max_wait_ms)
         return Serving(state=state, pipeline=pipe, version=version, model=model, label=label, info=info)

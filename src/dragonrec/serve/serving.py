@@ -203,21 +203,20 @@ class Serving:
 
 def build_pipeline(state: CatalogState, train: pd.DataFrame, cooccurrence: Recommender,
                    model: Recommender | None, quotas: dict[str, int], cache_dir: str | None,
-                   embedder: Embedder | None = None, new_item_slots: int = 2,
-                   rerank: RerankConfig | None = None,
+                   embedder: Embedder | None = None, rerank: RerankConfig | None = None,
                    wrap_model: Callable[[Any], Any] | None = None) -> tuple[Pipeline, str]:
     """The union pipeline over `state.catalog`: dense retrieval, co-occurrence, the model's own top K and
     popularity, scored by the model; without a model, the same sources minus the model in fused retrieval
     order. Co-occurrence and the model are fitted already (on the dataset's catalog, a prefix of this one);
-    products added since get up to `new_item_slots` places in a list when dense retrieval proposes them.
-    `rerank`: shop rules and the default diversity knob (a request may override the knob and add filters);
+    products added since get up to `rerank.new_item_slots` places in a list when retrieval proposes them and the
+    model cannot rank them. `rerank`: shop rules and the default diversity knob (a request may override the knob
+    and add filters);
     `wrap_model` wraps the served model (over the grown catalog), e.g. to batch its forward passes."""
     catalog = state.catalog
     served = None if model is None else GrownCatalogModel(model, catalog, cache_dir=cache_dir, embedder=embedder)
     # a model that ranks new products itself (the generative model's cold head) needs no forced slots for them
     n_known = len(catalog) if served is not None and served.scores_new_items else len(cooccurrence.catalog)
-    reranker = DiversityReranker((rerank or RerankConfig()).model_copy(update={"new_item_slots": new_item_slots}))
-    reranker.n_scored = n_known
+    reranker = DiversityReranker(rerank, n_scored=n_known)
     cooc = ModelSource(GrownCatalogModel(cooccurrence, catalog), name="cooccurrence",
                        reason=SOURCE_REASONS["cooccurrence"])
     dense = DenseConfig(cache_dir=cache_dir)
