@@ -182,3 +182,36 @@ def test_the_pipeline_takes_complements_as_a_source(chain_dir):
     assert pipe.sources["complements"].cfg.min_support == 1
     rec = pipe.recommend_for(split.test.histories[0], split.test.actions[0], n=5)
     assert len(rec) == 5
+
+
+def test_the_pipeline_tells_the_reranker_which_source_proposed_each_candidate():
+    """A re-ranker that reads sources (cross-category places filled from complements first) gets, aligned with
+    the candidates it re-ranks, each one's rank in each source's list: the monitor's buyer is proposed the
+    keyboard and the cable by the complements source, the bestseller by popularity alone."""
+    from dragonrec.pipeline import Pipeline, PipelineConfig
+    from dragonrec.rerank import DiversityReranker, RerankConfig
+
+    seen = []
+
+    class Spy(DiversityReranker):
+        def rerank_for(self, items, scores, banned, request):
+            seen.append((items.copy(), request.sources))
+            return super().rerank_for(items, scores, banned, request)
+
+    rc = RerankConfig(cross_category_slots=1, cross_category_source="complements", exclude_bought=False)
+    cfg = PipelineConfig(sources={"popularity": 6, "complements": 3}, scorer="none", rest=None, rerank=rc,
+                         overrides={"complements": {"min_support": 3}})
+    pipe = Pipeline(cfg).fit(shop(), CATALOG)
+    pipe.reranker = Spy(rc).fit(CATALOG)
+    assert pipe.reranker.reads_sources
+    rec = pipe.recommend_for(np.array([IDX["monitor"]]), ["purchase"], n=4)
+    items, (source_names, ranks) = seen[-1]
+    assert source_names == ["popularity", "complements"] and ranks.shape == (len(items), 2)
+    by_item = {list(ITEMS)[i]: tuple(r) for i, r in zip(items, ranks)}
+    assert by_item["keyboard"][1] > 0 and by_item["cable"][1] > 0 and by_item["bestseller"] == (1, 0)
+    assert {"keyboard", "cable"} <= set(by_item) and rec.items[0] in {"keyboard", "cable"}
+    # a plain re-ranker never asks: the pipeline leaves the request's sources unset
+    seen.clear()
+    pipe.reranker = Spy(RerankConfig(exclude_bought=False)).fit(CATALOG)
+    pipe.recommend_for(np.array([IDX["monitor"]]), ["purchase"], n=4)
+    assert seen[-1][1] is None

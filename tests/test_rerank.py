@@ -252,6 +252,42 @@ def test_cold_item_slots_by_score_take_the_cold_items_the_scorer_placed_highest(
     assert rerank(strict, [1, 2, 3, 4, 5, 7, 6, 0], history=[0]) == [1, 2, 3, 4, 5, 7, 6, 0]
 
 
+# -- cross-category ("goes with") places ----------------------------------------------------------------------
+def test_cross_category_places_lift_the_best_items_of_other_top_level_categories():
+    # top level below the shared root "Beauty": Makeup (0-3), Skin Care (4-5), Hair Care (6), none (7)
+    cat = catalog_of(["Beauty > Makeup > Eyes", "Beauty > Makeup > Lips", "Beauty > Makeup > Face",
+                      "Beauty > Makeup > Eyes", "Beauty > Skin Care > Face", "Beauty > Skin Care > Body",
+                      "Beauty > Hair Care", ""])
+    cfg = RerankConfig(cross_category_slots=1, cross_category_position=3)
+    r = DiversityReranker(cfg).fit(cat)
+    order = [1, 2, 7, 5, 6, 4]  # item 7 has no category: it never counts as another category's
+    # the last item bought is Makeup: the first non-Makeup item below position 3 (item 5) ends on position 3
+    assert rerank(r, order, history=[0]) == [1, 2, 5, 7, 6, 4]
+    assert rerank(r, order, history=[4, 0]) == [1, 2, 5, 7, 6, 4]  # the latest positive item is the anchor
+    # anchored on Skin Care, items 1 and 2 (Makeup) are already of another category: nothing moves
+    assert rerank(r, order, history=[0, 4]) == order
+    two = DiversityReranker(cfg.model_copy(update={"cross_category_slots": 2})).fit(cat)
+    assert rerank(two, order, history=[3]) == [1, 5, 6, 2, 7, 4]  # two places end on position 3, list order kept
+    assert rerank(r, order, history=[0], n=2) == [1, 5, 2, 7, 6, 4]  # a shorter list: its last place
+    assert rerank(r, order, history=[0], actions=np.array(["scroll_past"], dtype=object)) == order  # no positive
+    assert rerank(r, order, history=[7]) == order  # an anchor of unknown category: as is
+    assert rerank(r, order) == order  # no history
+    assert rerank(r, order, history=[0], banned=[5]) == [1, 2, 6, 7, 4]  # a banned item never comes back
+    assert rerank(DiversityReranker().fit(cat), order, history=[0]) == order  # off by default
+    # a preferred source (the mined "goes with" links) fills the places first, in its own order
+    pref = DiversityReranker(cfg.model_copy(update={"cross_category_source": "complements"})).fit(cat)
+    assert pref.reads_sources and not r.reads_sources
+    ranks = np.zeros((6, 2), dtype=np.int32)
+    ranks[:, 0] = np.arange(1, 7)  # the model proposed all, in list order
+    ranks[4, 1], ranks[5, 1] = 2, 1  # complements proposed items 6 (rank 2) and 4 (rank 1)
+    src = (["model", "complements"], ranks)
+    assert rerank(pref, order, history=[0], sources=src) == [1, 2, 4, 7, 5, 6]
+    assert rerank(pref.__class__(pref.cfg.model_copy(update={"cross_category_slots": 2})).fit(cat), order,
+                  history=[0], sources=src) == [1, 6, 4, 2, 7, 5]  # both proposals, in the list's order
+    assert rerank(pref, order, history=[0]) == [1, 2, 5, 7, 6, 4]  # no sources known: the list's order
+    assert rerank(pref, order, history=[0], sources=src, banned=[4]) == [1, 2, 6, 7, 5]
+
+
 def chain_config(rerank: RerankConfig | None) -> PipelineConfig:
     return PipelineConfig.union({"dense": 4, "cooccurrence": 3, "popularity": 2}, model="cooccurrence",
                                 scorer="model:cooccurrence", rest="cooccurrence", dense=NO_CACHE, rerank=rerank)

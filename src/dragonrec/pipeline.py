@@ -17,6 +17,7 @@ is what we serve.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -514,6 +515,8 @@ class Pipeline(Recommender):
         reasons = None if reasons is None else [reasons[j] for j in few]
         pos = pos[order]
         items = union.items[i, pos]
+        if self.reranker.reads_sources:
+            request = dataclasses.replace(request, sources=(union.names, union.ranks[i, pos]))
         keep = self.reranker.rerank_for(items, shown[order], banned, request)
         return _Ranked(items[keep], shown[order][keep].astype(np.float64), union.primary[i, pos][keep],
                        union.ranks[i, pos][keep], None if reasons is None else [reasons[j] for j in keep],

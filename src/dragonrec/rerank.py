@@ -90,6 +90,21 @@ class RerankConfig(BaseModel):
     """Which cold candidates take the slots: "text", the closest in text to the history; "score", the best
     placed by the scorer (for the generative model: its text-trained cold head, which learned from behaviour
     which texts follow which; for a scorer that gives cold items no score, the retrieval order)."""
+    cross_category_slots: int = Field(0, ge=0)
+    """"Goes with" places: at least this many of the list's first `cross_category_position` items lie in another
+    top-level category than the user's latest positive item (the monitor's keyboard, not a fifth monitor). The
+    best-placed such candidates below that point (the scorer's order; with a `complements` source in the pipeline,
+    its links are among them) move up to end on that position; 0 = off. Without a positive item of known category
+    the list is unchanged."""
+    cross_category_source: str | None = None
+    """Fill the cross-category places first with what this candidate source proposed, in its own order ("complements":
+    the mined "goes with" links of the user's recent items, the strongest link first), then in the list's order;
+    None: the list's order only. Needs the pipeline's per-candidate sources (`RerankRequest.sources`)."""
+    cross_category_position: int = Field(10, ge=1)
+    """The last position (1-based) the cross-category places end on (a request asking for fewer items: its last)."""
+    cross_category_level: int = Field(1, ge=1)
+    """Category path levels compared, after the levels every categorised item shares (as the complements source
+    cuts them: `candidates.complements.category_keys`)."""
     new_item_slots: int = Field(0, ge=0)
     """Places for products the scorer cannot rank at all: those at or after `DiversityReranker.n_scored` in the
     catalog (added after a model that scores only its own items was fitted; they sink below every scored
@@ -112,6 +127,9 @@ class RerankRequest:
     diversity: float | None = None  # None: the config's
     filters: Filters | None = None
     n: int | None = None  # the list length asked for (the greedy head is at least this long)
+    # (source names, [m, S] 1-based rank of each candidate in each source's list, 0 = not proposed), aligned with the
+    # candidates being re-ranked: set by the pipeline when the re-ranker reads sources (`Reranker.reads_sources`)
+    sources: tuple[list[str], np.ndarray] | None = None
 
 
 class Reranker:
@@ -127,6 +145,9 @@ class Reranker:
                    request: RerankRequest) -> np.ndarray:
         """`rerank` with what the request knows (this one ignores it)."""
         return self.rerank(items, scores, banned)
+
+    reads_sources: bool = False
+    """Whether `rerank_for` reads `RerankRequest.sources` (the pipeline fills them in only then)."""
 
     def excluded(self, request: RerankRequest) -> np.ndarray:
         """Catalog indices the request's shop rules leave out (banned everywhere: candidates, fill, cold list)."""
@@ -152,6 +173,7 @@ class DiversityReranker(Reranker):
         self.vectors: np.ndarray | None = None
         self.catalog: Catalog | None = None
         self.popularity: np.ndarray | None = None
+        self.reads_sources = bool(self.cfg.cross_category_slots and self.cfg.cross_category_source)
 
     def fit(self, catalog: Catalog, vectors: np.ndarray | None = None,
             popularity: np.ndarray | None = None) -> DiversityReranker:
@@ -176,6 +198,10 @@ class DiversityReranker(Reranker):
         keys = [category_key(p, cfg.category_depth) or f"#{i}" for i, p in enumerate(paths)]  # unknown: its own
         _, self.category_codes = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
         self.known_category = np.asarray([bool(p) for p in paths], dtype=bool)
+        if cfg.cross_category_slots:
+            from dragonrec.candidates.complements import category_keys
+
+            self.top_category = category_keys(catalog, level=cfg.cross_category_level)
         items = catalog.items
         self.brands = (items["brand"].fillna("").astype(str).str.lower().to_numpy(dtype=object)
                        if "brand" in items else np.full(n, "", dtype=object))
@@ -234,6 +260,8 @@ class DiversityReranker(Reranker):
         if len(keep) and (lam > 0 or cfg.category_cap is not None or cfg.calibration > 0):
             target = self.interest_mix(request.history, request.actions) if cfg.calibration > 0 else {}
             keep = keep[self.select(items[keep], scores[keep], lam, max(cfg.head, request.n or 0), target)]
+        if cfg.cross_category_slots and len(keep):
+            keep = keep[self.cross_category_order(items[keep], request, self._source_ranks(request, keep))]
         if cfg.cold_item_slots and len(keep):
             keep = keep[self.cold_item_order(items[keep], request)]
         if cfg.new_item_slots and self.n_scored is not None and len(keep):
@@ -253,6 +281,51 @@ class DiversityReranker(Reranker):
         for s, k in enumerate(new):
             out.insert(min(cfg.new_item_first + s * cfg.new_item_every, len(out)), int(k))
         return np.asarray(out, dtype=np.int64)
+
+    def _source_ranks(self, request: RerankRequest, keep: np.ndarray) -> np.ndarray | None:
+        """[len(keep)] rank of each kept candidate in `cross_category_source`'s list (0 = not proposed); None when
+        no source is preferred. A request without sources (or from a pipeline without that source): all 0."""
+        name = self.cfg.cross_category_source
+        if not name:
+            return None
+        if request.sources is None or name not in request.sources[0]:
+            return np.zeros(len(keep), dtype=np.int64)
+        names, ranks = request.sources
+        return np.asarray(ranks)[keep, names.index(name)]
+
+    def cross_category_order(self, items: np.ndarray, request: RerankRequest,
+                             source_ranks: np.ndarray | None = None) -> np.ndarray:
+        """Positions into `items` [m] (a finished list, best first) with up to `cross_category_slots` items of
+        another top-level category than the latest positive history item's moved up to end on
+        `cross_category_position`: the first such items below that point, those the preferred source proposed
+        first in its order (`source_ranks` [m], 0 = not proposed), then in list order; the others keep their
+        order. Such items already above that point count against the places. Unchanged without a positive history
+        item of known category."""
+        cfg, m = self.cfg, len(items)
+        identity = np.arange(m)
+        h = np.asarray(request.history, dtype=np.int64)
+        if request.actions is not None and len(h):
+            h = h[positive_mask(np.asarray(request.actions, dtype=object))]
+        h = h[self.top_category[h] != ""] if len(h) else h
+        if not len(h):
+            return identity
+        anchor = self.top_category[h[-1]]
+        end = min(cfg.cross_category_position, request.n or cfg.cross_category_position, m)
+        cats = self.top_category[items]
+        is_cross = (cats != anchor) & (cats != "")
+        need = min(cfg.cross_category_slots, end) - int(is_cross[:end].sum())
+        if need <= 0:
+            return identity
+        pool = np.flatnonzero(is_cross[end:]) + end
+        if source_ranks is not None and len(pool):  # the source's proposals first, in its order; then the list's
+            r = np.asarray(source_ranks, dtype=np.int64)[pool]
+            pool = pool[np.lexsort((pool, np.where(r > 0, r, np.iinfo(np.int64).max)))]
+        chosen = np.sort(pool[:need])
+        if not len(chosen):
+            return identity
+        rest = identity[~np.isin(identity, chosen)]
+        cut = end - len(chosen)
+        return np.concatenate([rest[:cut], chosen, rest[cut:]])
 
     def cold_item_order(self, items: np.ndarray, request: RerankRequest) -> np.ndarray:
         """Positions into `items` [m] (a finished list, best first) with up to `cold_item_slots` cold items moved
